@@ -1,0 +1,115 @@
+"""gem_d2's configuration keys: ``add_gem_config(cfg)`` adds every new key with its default.
+
+Defaults are DINO-4scale R50 as in its paper/reference code (see configs/Base-GEM-DINO.yaml) and
+the GEM method of DESIGN.md. Only ``from_config`` methods read these keys.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_gem_config(cfg: CN) -> CN:
+    """Add gem_d2's keys (with defaults) to a detectron2 config in place; returns it. Idempotent."""
+    if getattr(cfg, "_gem_d2_added", False) or "GEM" in cfg.MODEL:
+        return cfg
+    _add_dino(cfg)
+    _add_gem(cfg)
+    _add_data(cfg)
+    _add_solver_test(cfg)
+    return cfg
+
+
+def _add_dino(cfg: CN) -> None:
+    cfg.MODEL.DINO = d = CN()
+    d.IN_FEATURES = ["res3", "res4", "res5"]  # backbone outputs fed to the channel mapper
+    d.HIDDEN_DIM = 256  # transformer width
+    d.NHEADS = 8  # attention heads
+    d.DIM_FEEDFORWARD = 2048  # FFN (and expert) hidden width
+    d.ENC_LAYERS = 6  # deformable encoder layers
+    d.DEC_LAYERS = 6  # deformable decoder layers
+    d.DROPOUT = 0.0  # dropout in attention/FFN
+    d.ACTIVATION = "relu"  # FFN activation
+    d.NUM_FEATURE_LEVELS = 4  # len(IN_FEATURES) + extra stride-2 levels from the last one
+    d.ENC_N_POINTS = 4  # deformable sampling points per level (encoder)
+    d.DEC_N_POINTS = 4  # deformable sampling points per level (decoder)
+    d.NUM_QUERIES = 900  # two-stage top-K proposals = decoder queries
+    d.PE_TEMPERATURE = 10000  # sine position embedding temperature
+    d.NUM_CLASSES = 0  # size of the unified label space; 0 = derived from DATASETS.TRAIN blocks
+    d.DN_NUMBER = 100  # denoising queries (split into groups of 2 x max objects)
+    d.DN_LABEL_NOISE_RATIO = 0.5  # probability of flipping a DN query's label
+    d.DN_BOX_NOISE_SCALE = 1.0  # DN box noise scale
+    d.CLASS_COST = 2.0  # Hungarian matching cost weights
+    d.BBOX_COST = 5.0
+    d.GIOU_COST = 2.0
+    d.CLASS_WEIGHT = 1.0  # loss weights (same for aux, encoder and DN outputs)
+    d.BBOX_WEIGHT = 5.0
+    d.GIOU_WEIGHT = 2.0
+    d.FOCAL_ALPHA = 0.25  # sigmoid focal loss alpha
+    d.FOCAL_GAMMA = 2.0  # sigmoid focal loss gamma
+    d.AUX_LOSS = True  # losses on every decoder layer and the encoder proposals
+    d.NUM_SELECT = 300  # detections kept per image at inference (top-K over queries x classes)
+    d.MSDA_IMPL = "pytorch"  # deformable attention implementation: pytorch (always available)
+
+
+def _add_gem(cfg: CN) -> None:
+    cfg.MODEL.GEM = g = CN()
+    g.ROUTER = "gem"  # gem | dense | topk | softmoe | remoe | moepp | damex (ROUTER_REGISTRY name)
+    g.NUM_EXPERTS = 8  # experts per MoE layer
+    g.MOE_LAYERS = ["decoder.0", "decoder.2", "decoder.4"]  # FFNs that become expert banks
+    g.EXPERTS_PER_UNIT = 1  # k_u: experts each unit is mapped to
+    g.UNITS = []  # planned unit names (datasets, or "dataset/class" at class level)
+    g.MAPPING = []  # per unit, its expert ids (list of lists); empty = plan before training
+    g.MAPPING_WEIGHTS = []  # per unit, combination weights of its experts (k > 1)
+    g.TEST_ROUTING = "dataset"  # dataset (known dataset id) | auto (nearest unit prototype)
+    g.PROTOTYPES = ""  # .npz of unit prototypes for auto routing; "" = taken from the checkpoint
+    g.LOAD_CHECKPOINT_MAPPING = False  # take MAPPING/UNITS from the checkpoint instead of erroring
+    g.PLANNER = p = CN()
+    p.LEVEL = "dataset"  # dataset | class: what a planning unit is
+    p.SAMPLES_PER_UNIT = 32  # images (or boxes) sampled per unit for the affinity
+    p.TAU = 0.1  # softmax temperature of the affinity
+    p.SLACK = 0.1  # expert capacity slack: C_j = (1 + slack) * sum_u s_u k_u / n
+    p.BETA = 0.5  # importance a_u = s_u^-beta (normalised)
+    p.SOLVER = "CBC"  # PuLP solver name for LP and MILP
+    p.ROUNDING = "hierarchical"  # hierarchical | shmoys_tardos | exact (MILP)
+    p.SEED = 0  # sampling and k-means seed
+    p.KMEANS_ITERS = 50  # k-means iterations for expert keys
+    p.IMAGE_SIZE = 224  # short side images are resized to for the affinity features
+    g.TOPK = t = CN()
+    t.K = 1  # experts per token
+    t.CAPACITY_FACTOR = 1.25  # expert capacity = ceil(cf * T * k / E)
+    t.BALANCE_COEF = 0.01  # Switch/GShard load-balancing loss coefficient
+    t.Z_LOSS_COEF = 0.0  # router z-loss coefficient
+    g.SOFTMOE = s = CN()
+    s.SLOTS_PER_EXPERT = 1  # slots per expert
+    g.REMOE = r = CN()
+    r.L1_INIT = 1e-8  # initial coefficient of the load-weighted L1 penalty
+    r.L1_MULTIPLIER = 1.2  # coefficient update factor toward the target sparsity
+    r.TARGET_K = 1  # target active experts per token (sparsity 1 - k/E)
+    g.MOEPP = m = CN()
+    m.K = 2  # experts per token
+    m.NUM_ZERO = 1  # zero experts
+    m.NUM_COPY = 1  # copy experts
+    m.NUM_CONSTANT = 2  # constant experts
+    m.BALANCE_COEF = 0.01  # load-balancing loss coefficient over all experts
+    g.DAMEX = dx = CN()
+    dx.LOSS_COEF = 0.1  # cross-entropy coefficient toward the dataset's mapped expert
+    g.ADAPT = a = CN()
+    a.NEW_EXPERTS = 0  # experts appended for a new domain in tools/adapt.py
+    a.SHOTS = 10  # K-shot per class for the new domain
+
+
+def _add_data(cfg: CN) -> None:
+    cfg.DATASETS.UODB_ROOT = ""  # UODB root; "" = $DETECTRON2_DATASETS, else ./datasets
+    cfg.DATASETS.SYNTH = s = CN()
+    s.ROOT = ""  # generated-data root; "" = <UODB root>/gem_synth
+    s.IMAGES_PER_DOMAIN = 120  # training images of a regular domain (the rare one gets fewer)
+    s.TEST_IMAGES_PER_DOMAIN = 30  # test images per domain
+    s.IMAGE_SIZE = 256  # generated image side in pixels
+    s.SEED = 0  # generator seed
+    cfg.DATALOADER.DATASET_TEMPERATURE = 1.0  # dataset sampling weight = size^T (1 proportional, 0 uniform)
+    cfg.DATALOADER.ONE_DATASET_PER_BATCH = False  # every batch from one dataset (Universal-DA style)
+
+
+def _add_solver_test(cfg: CN) -> None:
+    cfg.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW | SGD
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # backbone LR = BASE_LR * this
+    cfg.SOLVER.AMP.DTYPE = "float16"  # float16 | bfloat16 when SOLVER.AMP.ENABLED (CUDA only)
+    cfg.TEST.UODB_PROTOCOL = True  # per-dataset VOC07 11-point AP50 + COCO AP table

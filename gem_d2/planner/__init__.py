@@ -1,0 +1,1 @@
+"""gem_d2.planner."""
