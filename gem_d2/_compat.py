@@ -25,9 +25,7 @@ _NUMPY_ALIASES = {"bool": builtins.bool, "int": builtins.int, "float": builtins.
 def apply() -> None:
     """Restore the removed names detectron2 v0.6 needs; idempotent."""
     for name, value in _NUMPY_ALIASES.items():
-        try:
-            getattr(np, name)
-        except AttributeError:
+        if name not in vars(np):  # vars(): getattr would trigger NumPy's FutureWarning
             setattr(np, name, value)
     if not hasattr(Image, "LINEAR"):
         Image.LINEAR = Image.BILINEAR

@@ -37,11 +37,11 @@ def _add_dino(cfg: CN) -> None:
     d.DN_LABEL_NOISE_RATIO = 0.5  # probability of flipping a DN query's label
     d.DN_BOX_NOISE_SCALE = 1.0  # DN box noise scale
     d.CLASS_COST = 2.0  # Hungarian matching cost weights
-    d.BBOX_COST = 5.0
-    d.GIOU_COST = 2.0
+    d.BBOX_COST = 5.0  # L1 box cost
+    d.GIOU_COST = 2.0  # GIoU cost
     d.CLASS_WEIGHT = 1.0  # loss weights (same for aux, encoder and DN outputs)
-    d.BBOX_WEIGHT = 5.0
-    d.GIOU_WEIGHT = 2.0
+    d.BBOX_WEIGHT = 5.0  # L1 box loss weight
+    d.GIOU_WEIGHT = 2.0  # GIoU loss weight
     d.FOCAL_ALPHA = 0.25  # sigmoid focal loss alpha
     d.FOCAL_GAMMA = 2.0  # sigmoid focal loss gamma
     d.AUX_LOSS = True  # losses on every decoder layer and the encoder proposals
