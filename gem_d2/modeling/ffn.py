@@ -26,6 +26,8 @@ class RoutingContext:
         the previous layer's logits). Class-level GEM routing uses it.
     aux_losses: filled by routers, name -> scalar tensor (e.g. "loss_balance_decoder.0").
     stats: filled by routers, name -> tensor (e.g. tokens per expert per dataset).
+    prev_router_logits: (N, L, R) or None, set by an MoE layer whose router exports its logits
+        (MoE++ gating residuals) for the next MoE layer of the same stack; use one context per stack.
     """
 
     dataset_ids: torch.Tensor
@@ -34,6 +36,7 @@ class RoutingContext:
     query_labels: Optional[torch.Tensor] = None
     aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     stats: Dict[str, torch.Tensor] = field(default_factory=dict)
+    prev_router_logits: Optional[torch.Tensor] = None
 
 
 def _activation(name: str) -> nn.Module:
@@ -63,12 +66,14 @@ class MoESpec:
 
     layers: names like "encoder.3" / "decoder.0" of the FFNs that become MoE layers.
     router: ROUTER_REGISTRY name; router_kwargs: its keyword arguments (num_experts excluded).
+    num_datasets: rows of the per-dataset routing statistics; None = max(ctx.dataset_ids) + 1.
     """
 
     layers: Sequence[str]
     num_experts: int
     router: str
     router_kwargs: dict = field(default_factory=dict)
+    num_datasets: Optional[int] = None
 
 
 def build_ffn(layer_name: str, d_model: int, d_ffn: int, dropout: float, activation: str,
