@@ -1,0 +1,478 @@
+"""DINO's deformable transformer: encoder, two-stage query selection, decoder with box refinement.
+
+Shapes: ``N`` images, ``C`` channels, ``L`` feature levels, ``S = sum_l H_l W_l`` encoder tokens,
+``Q`` matching queries, ``pad`` denoising queries (prepended), ``K`` classes of the unified label
+space, ``D`` decoder layers. Boxes are normalised ``(cx, cy, w, h)``; "unact" means before the sigmoid.
+
+Every encoder/decoder FFN is built by :func:`gem_d2.modeling.ffn.build_ffn` and called as
+``ffn(x, ctx)`` with a :class:`~gem_d2.modeling.ffn.RoutingContext` that this module keeps up to
+date: the encoder sets ``ctx.key_padding_mask`` (and clears the decoder fields); the decoder sets
+``ctx.segments`` and ``ctx.query_labels`` before each layer (and clears the padding mask).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .box_ops import inverse_sigmoid
+from .ffn import FFN, MoESpec, RoutingContext, build_ffn
+from .ms_deform_attn import MSDeformAttn
+from .position_encoding import box_sine_embedding
+
+__all__ = [
+    "MLP",
+    "DeformableEncoderLayer",
+    "DeformableEncoder",
+    "DeformableDecoderLayer",
+    "DeformableDecoder",
+    "DINOTransformer",
+    "build_dino_transformer",
+    "encoder_reference_points",
+    "valid_ratios",
+    "encoder_proposals",
+    "masked_class_argmax",
+    "select_topk_in_blocks",
+]
+
+_PRIOR_PROB = 0.01  # focal-loss prior: class logits start at sigmoid^-1(0.01)
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them. ``(..., in_dim) -> (..., out_dim)``."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+def _class_head(d_model: int, num_classes: int) -> nn.Linear:
+    head = nn.Linear(d_model, num_classes)
+    nn.init.constant_(head.bias, -math.log((1 - _PRIOR_PROB) / _PRIOR_PROB))
+    return head
+
+
+def _box_head(d_model: int) -> MLP:
+    head = MLP(d_model, d_model, 4, 3)
+    nn.init.zeros_(head.layers[-1].weight)
+    nn.init.zeros_(head.layers[-1].bias)
+    return head
+
+
+def _xavier_(module: nn.Module) -> None:
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
+# ----------------------------------------------------------------------------------------------
+# geometry helpers (pure functions, tested on their own)
+# ----------------------------------------------------------------------------------------------
+
+def valid_ratios(mask: Tensor) -> Tensor:
+    """``mask (N, H, W)`` bool True = pad -> ``(N, 2)`` valid fraction ``(w_ratio, h_ratio)`` of the map."""
+    _, h, w = mask.shape
+    valid_h = (~mask[:, :, 0]).sum(1).to(torch.float32)
+    valid_w = (~mask[:, 0, :]).sum(1).to(torch.float32)
+    return torch.stack([valid_w / w, valid_h / h], -1)
+
+
+def _level_sizes(spatial_shapes: Tensor) -> List[Tuple[int, int]]:
+    return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+
+
+def encoder_reference_points(spatial_shapes: Tensor, ratios: Tensor) -> Tensor:
+    """Reference point of every encoder token at every level.
+
+    Token ``(i, j)`` of level ``l`` sits at its cell centre normalised by the *valid* extent of its
+    image, ``((j + 0.5) / (r_w W_l), (i + 0.5) / (r_h H_l))``, then is mapped to each level ``l'`` by
+    multiplying with that level's valid ratio (the sampling grid covers the padded map).
+
+    Args:
+        spatial_shapes: ``(L, 2)`` ``(H_l, W_l)``.
+        ratios: ``(N, L, 2)`` ``(w_ratio, h_ratio)`` per level.
+    Returns:
+        ``(N, S, L, 2)`` normalised ``(x, y)``.
+    """
+    refs = []
+    for lvl, (h, w) in enumerate(_level_sizes(spatial_shapes)):
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=ratios.dtype, device=ratios.device) + 0.5,
+                                torch.arange(w, dtype=ratios.dtype, device=ratios.device) + 0.5, indexing="ij")
+        x = xs.reshape(1, -1) / (ratios[:, None, lvl, 0] * w)
+        y = ys.reshape(1, -1) / (ratios[:, None, lvl, 1] * h)
+        refs.append(torch.stack([x, y], -1))
+    ref = torch.cat(refs, 1)
+    return ref[:, :, None] * ratios[:, None]
+
+
+def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor) -> Tuple[Tensor, Tensor]:
+    """DINO "standard" two-stage proposals: one box per token.
+
+    Token ``(i, j)`` of level ``l`` proposes the box centred on its cell (normalised by the valid
+    extent of its image) with ``w = h = 0.05 * 2^l``. Proposals of padded tokens, or with any
+    coordinate outside (0.01, 0.99), are invalid.
+
+    Args:
+        memory: ``(N, S, C)`` encoder output.
+        padding_mask: ``(N, S)`` bool True = pad.
+        spatial_shapes: ``(L, 2)``.
+    Returns:
+        ``(proposals_unact (N, S, 4)``: logits of the proposals, ``+inf`` where invalid;
+        ``invalid (N, S)`` bool``)``.
+    """
+    n = memory.shape[0]
+    props, start = [], 0
+    for lvl, (h, w) in enumerate(_level_sizes(spatial_shapes)):
+        mask_l = padding_mask[:, start:start + h * w].view(n, h, w)
+        valid_h = (~mask_l[:, :, 0]).sum(1).to(memory.dtype)
+        valid_w = (~mask_l[:, 0, :]).sum(1).to(memory.dtype)
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=memory.dtype, device=memory.device),
+                                torch.arange(w, dtype=memory.dtype, device=memory.device), indexing="ij")
+        cx = (xs.reshape(1, -1) + 0.5) / valid_w[:, None]
+        cy = (ys.reshape(1, -1) + 0.5) / valid_h[:, None]
+        wh = torch.full_like(cx, 0.05 * (2.0 ** lvl))
+        props.append(torch.stack([cx, cy, wh, wh], -1))
+        start += h * w
+    proposals = torch.cat(props, 1)
+    invalid = padding_mask | ~((proposals > 0.01) & (proposals < 0.99)).all(-1)
+    proposals = torch.log(proposals / (1 - proposals)).masked_fill(invalid[..., None], float("inf"))
+    return proposals, invalid
+
+
+def masked_class_argmax(logits: Tensor, class_masks: Tensor) -> Tensor:
+    """``logits (N, T, K)``, ``class_masks (N, K)`` bool -> ``(N, T)`` argmax among each image's allowed classes."""
+    return logits.detach().masked_fill(~class_masks[:, None, :], float("-inf")).argmax(-1)
+
+
+def select_topk_in_blocks(logits: Tensor, class_masks: Tensor, k: int, invalid: Optional[Tensor] = None) -> Tensor:
+    """Indices of the ``k`` tokens with the highest class logit within each image's class block.
+
+    Args:
+        logits: ``(N, S, K)`` encoder class logits.
+        class_masks: ``(N, K)`` bool, True for the classes of the image's dataset.
+        k: number of tokens to keep (``<= S``).
+        invalid: ``(N, S)`` bool tokens never to prefer (padding, out-of-range proposals) or None.
+    Returns:
+        ``(N, k)`` long token indices, best first.
+    """
+    if k > logits.shape[1]:
+        raise ValueError(f"MODEL.DINO.NUM_QUERIES={k} exceeds the {logits.shape[1]} encoder tokens of this batch; "
+                         "use larger images or fewer queries")
+    scores = logits.detach().masked_fill(~class_masks[:, None, :], float("-inf")).max(-1).values
+    if invalid is not None:
+        scores = scores.masked_fill(invalid, float("-inf"))
+    return scores.topk(k, dim=1).indices
+
+
+# ----------------------------------------------------------------------------------------------
+# encoder
+# ----------------------------------------------------------------------------------------------
+
+class DeformableEncoderLayer(nn.Module):
+    """Post-norm layer: deformable self-attention -> add & LN -> FFN(x, ctx) -> add & LN."""
+
+    def __init__(self, d_model: int, n_heads: int, n_levels: int, n_points: int, ffn: nn.Module,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.ffn = ffn
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
+                level_start_index: Tensor, padding_mask: Optional[Tensor], ctx: RoutingContext) -> Tensor:
+        """``src, pos (N, S, C)``, ``reference_points (N, S, L, 2)``, ``padding_mask (N, S)`` -> ``(N, S, C)``."""
+        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        src = self.norm1(src + self.dropout1(attn))
+        return self.norm2(src + self.dropout2(self.ffn(src, ctx)))
+
+
+class DeformableEncoder(nn.Module):
+    """A stack of :class:`DeformableEncoderLayer`; sets ``ctx.key_padding_mask`` for the FFN routers."""
+
+    def __init__(self, layers: Sequence[DeformableEncoderLayer]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                ratios: Tensor, padding_mask: Tensor, ctx: RoutingContext) -> Tensor:
+        """``src, pos (N, S, C)``, ``ratios (N, L, 2)``, ``padding_mask (N, S)`` -> memory ``(N, S, C)``."""
+        reference_points = encoder_reference_points(spatial_shapes, ratios).to(src.dtype)
+        ctx.key_padding_mask = padding_mask
+        ctx.segments = None
+        ctx.query_labels = None
+        for layer in self.layers:
+            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask, ctx)
+        return src
+
+
+# ----------------------------------------------------------------------------------------------
+# decoder
+# ----------------------------------------------------------------------------------------------
+
+class DeformableDecoderLayer(nn.Module):
+    """Post-norm layer: self-attention (DN mask) -> add & LN -> deformable cross-attention -> add & LN
+    -> FFN(x, ctx) -> add & LN. The query position is added to queries/keys of self-attention and to
+    the query of cross-attention."""
+
+    def __init__(self, d_model: int, n_heads: int, n_levels: int, n_points: int, ffn: nn.Module,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ffn = ffn
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
+                spatial_shapes: Tensor, level_start_index: Tensor, memory_padding_mask: Optional[Tensor],
+                self_attn_mask: Optional[Tensor], ctx: RoutingContext) -> Tensor:
+        """``tgt, query_pos (N, T, C)``, ``reference_points (N, T, L, 4)``, ``memory (N, S, C)``,
+        ``self_attn_mask (T, T)`` bool True = blocked or None -> ``(N, T, C)``."""
+        q = tgt + query_pos
+        attn = self.self_attn(q, q, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
+        tgt = self.norm1(tgt + self.dropout1(attn))
+        attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
+                               memory_padding_mask)
+        tgt = self.norm2(tgt + self.dropout2(attn))
+        return self.norm3(tgt + self.dropout3(self.ffn(tgt, ctx)))
+
+
+class DeformableDecoder(nn.Module):
+    """Decoder layers with per-layer class/box heads and look-forward-twice box refinement.
+
+    Layer ``i`` predicts a box delta ``d_i`` (in logit space) from its normalised output. Its output
+    box is ``sigmoid(d_i + logit(b'_{i-1}))`` where ``b'_{i-1}`` is layer ``i-1``'s *un-detached*
+    output box (look forward twice: layer ``i``'s loss also trains layer ``i-1``'s box head); the
+    reference given to layer ``i+1`` is the same box, detached. With ``look_forward_twice=False`` the
+    previous box is detached (Deformable-DETR's iterative refinement).
+
+    Args:
+        layers: the decoder layers.
+        d_model: ``C``; num_classes: ``K``.
+        pe_temperature: temperature of the reference-box sine embedding.
+        look_forward_twice: see above.
+    """
+
+    def __init__(self, layers: Sequence[DeformableDecoderLayer], d_model: int, num_classes: int,
+                 pe_temperature: float = 10000.0, look_forward_twice: bool = True):
+        super().__init__()
+        if d_model % 2:
+            raise ValueError(f"MODEL.DINO.HIDDEN_DIM={d_model} must be even (sine embedding uses C/2 per coordinate)")
+        self.layers = nn.ModuleList(layers)
+        self.d_model = d_model
+        self.pe_temperature = pe_temperature
+        self.look_forward_twice = look_forward_twice
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        self.norm = nn.LayerNorm(d_model)
+        self.class_heads = nn.ModuleList(_class_head(d_model, num_classes) for _ in layers)
+        self.box_heads = nn.ModuleList(_box_head(d_model) for _ in layers)
+
+    def forward(self, tgt: Tensor, reference: Tensor, memory: Tensor, memory_padding_mask: Optional[Tensor],
+                spatial_shapes: Tensor, level_start_index: Tensor, ratios: Tensor, self_attn_mask: Optional[Tensor],
+                class_masks: Tensor, ctx: RoutingContext, initial_labels: Tensor, segments: Tensor,
+                fixed_labels: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Run all layers.
+
+        Args:
+            tgt: ``(N, T, C)`` content queries (``T = pad + Q``).
+            reference: ``(N, T, 4)`` initial boxes in [0, 1] (no gradient is taken through them).
+            memory, memory_padding_mask: ``(N, S, C)``, ``(N, S)``.
+            spatial_shapes, level_start_index: ``(L, 2)``, ``(L,)``; ratios: ``(N, L, 2)``.
+            self_attn_mask: ``(T, T)`` bool True = blocked, or None.
+            class_masks: ``(N, K)`` bool, each image's class block.
+            ctx: routing context; ``ctx.segments = segments`` and ``ctx.query_labels`` are set per layer.
+            initial_labels: ``(N, T)`` long, ``ctx.query_labels`` for layer 0.
+            segments: ``(T,)`` long.
+            fixed_labels: ``(N, T)`` long or None; entries ``>= 0`` (the DN queries' noised labels) are
+                kept at every layer, the others follow the previous layer's class argmax in the block.
+        Returns:
+            ``(logits (D, N, T, K), boxes (D, N, T, 4))``.
+        """
+        ratios4 = torch.cat([ratios, ratios], -1)[:, None]  # (N, 1, L, 4)
+        reference = reference.detach()
+        prev_box = None
+        labels = initial_labels
+        ctx.key_padding_mask = None
+        ctx.segments = segments
+        all_logits, all_boxes = [], []
+        for i, layer in enumerate(self.layers):
+            ref_input = reference[:, :, None] * ratios4
+            query_pos = self.ref_point_head(
+                box_sine_embedding(ref_input[:, :, 0], self.d_model // 2, self.pe_temperature))
+            ctx.query_labels = labels
+            tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, level_start_index, memory_padding_mask,
+                        self_attn_mask, ctx)
+            hs = self.norm(tgt)
+            logits = self.class_heads[i](hs)
+            base = prev_box if (self.look_forward_twice and prev_box is not None) else reference
+            box = (self.box_heads[i](hs) + inverse_sigmoid(base)).sigmoid()
+            all_logits.append(logits)
+            all_boxes.append(box)
+            prev_box = box
+            reference = box.detach()
+            labels = masked_class_argmax(logits, class_masks)
+            if fixed_labels is not None:
+                labels = torch.where(fixed_labels >= 0, fixed_labels, labels)
+        return torch.stack(all_logits), torch.stack(all_boxes)
+
+
+# ----------------------------------------------------------------------------------------------
+# the transformer with two-stage query selection
+# ----------------------------------------------------------------------------------------------
+
+class DINOTransformer(nn.Module):
+    """Encoder, two-stage top-K query selection within class blocks, mixed query selection, decoder.
+
+    Args:
+        encoder, decoder: the stacks.
+        d_model: ``C``; num_levels: ``L``; num_queries: ``Q``; num_classes: ``K``.
+    """
+
+    def __init__(self, encoder: DeformableEncoder, decoder: DeformableDecoder, d_model: int, num_levels: int,
+                 num_queries: int, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.d_model = d_model
+        self.num_levels = num_levels
+        self.num_queries = num_queries
+        self.num_classes = num_classes
+        self.level_embed = nn.Parameter(torch.empty(num_levels, d_model))
+        self.tgt_embed = nn.Embedding(num_queries, d_model)
+        self.enc_output = nn.Linear(d_model, d_model)
+        self.enc_output_norm = nn.LayerNorm(d_model)
+        self.enc_class_head = _class_head(d_model, num_classes)
+        self.enc_box_head = _box_head(d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # Xavier on the attention/projection weights as the reference; MoE banks keep their own init.
+        for layer in list(self.encoder.layers) + list(self.decoder.layers):
+            for name, child in layer.named_children():
+                if name != "ffn" or isinstance(child, FFN):
+                    _xavier_(child)
+        for module in (self.decoder.ref_point_head, self.tgt_embed, self.enc_output):
+            _xavier_(module)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m.reset_parameters()
+        nn.init.normal_(self.level_embed)
+
+    def forward(self, feats: Sequence[Tensor], masks: Sequence[Tensor], pos_embeds: Sequence[Tensor],
+                class_masks: Tensor, ctx: RoutingContext, dn_query_label: Optional[Tensor] = None,
+                dn_query_bbox: Optional[Tensor] = None, dn_attn_mask: Optional[Tensor] = None,
+                dn_meta: Optional[Dict] = None) -> Dict[str, Tensor]:
+        """Encode, select queries and decode.
+
+        Args:
+            feats: ``L`` maps ``(N, C, H_l, W_l)``; masks: ``L`` bool ``(N, H_l, W_l)`` True = pad;
+            pos_embeds: ``L`` maps ``(N, C, H_l, W_l)``.
+            class_masks: ``(N, K)`` bool, each image's class block.
+            ctx: routing context (``ctx.dataset_ids`` set by the caller).
+            dn_query_label, dn_query_bbox, dn_attn_mask, dn_meta: from ``prepare_cdn`` or all None.
+        Returns:
+            dict with ``logits (D, N, pad+Q, K)``, ``boxes (D, N, pad+Q, 4)``, ``enc_logits (N, Q, K)``,
+            ``enc_boxes (N, Q, 4)`` (the selected proposals, refined by the encoder box head),
+            ``topk_index (N, Q)`` (selected token of each matching query).
+        """
+        if not (len(feats) == len(masks) == len(pos_embeds) == self.num_levels):
+            raise ValueError(f"expected {self.num_levels} feature levels (MODEL.DINO.NUM_FEATURE_LEVELS), got "
+                             f"{len(feats)} features, {len(masks)} masks, {len(pos_embeds)} position embeddings")
+        n = feats[0].shape[0]
+        if class_masks.shape != (n, self.num_classes) or class_masks.dtype != torch.bool:
+            raise ValueError(f"class_masks must be bool ({n}, {self.num_classes}), got {class_masks.dtype} "
+                             f"{tuple(class_masks.shape)}")
+        src = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
+        mask = torch.cat([m.flatten(1) for m in masks], 1)
+        pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl] for lvl, p in enumerate(pos_embeds)], 1)
+        spatial_shapes = torch.as_tensor([f.shape[-2:] for f in feats], dtype=torch.long, device=src.device)
+        areas = spatial_shapes.prod(1)
+        level_start_index = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+        ratios = torch.stack([valid_ratios(m) for m in masks], 1).to(src.dtype)
+
+        memory = self.encoder(src, pos, spatial_shapes, level_start_index, ratios, mask, ctx)
+
+        # two-stage: score every token's proposal, keep the top Q within each image's class block
+        proposals, invalid = encoder_proposals(memory, mask, spatial_shapes)
+        out_memory = self.enc_output_norm(self.enc_output(memory.masked_fill(invalid[..., None], 0.0)))
+        enc_logits_all = self.enc_class_head(out_memory)
+        enc_coord_unact = self.enc_box_head(out_memory) + proposals
+        topk = select_topk_in_blocks(enc_logits_all, class_masks, self.num_queries, invalid)
+        enc_logits = enc_logits_all.gather(1, topk[..., None].expand(-1, -1, self.num_classes))
+        topk_coord_unact = enc_coord_unact.gather(1, topk[..., None].expand(-1, -1, 4))
+        enc_boxes = topk_coord_unact.sigmoid()
+
+        # mixed query selection: learned content, positions from the encoder
+        tgt = self.tgt_embed.weight[None].expand(n, -1, -1)
+        reference = enc_boxes.detach()
+        labels = masked_class_argmax(enc_logits, class_masks)
+        fixed_labels = None
+        segments = torch.zeros(self.num_queries, dtype=torch.long, device=src.device)
+        if dn_meta is not None:
+            pad = dn_meta["pad_size"]
+            groups = dn_meta["num_dn_group"]
+            tgt = torch.cat([dn_query_label, tgt], 1)
+            reference = torch.cat([dn_query_bbox.sigmoid(), reference], 1)
+            dn_labels = dn_meta["dn_labels"]
+            # empty DN slots (-1) have no label: they start at their block's first class, then
+            # follow their own predictions like matching queries
+            labels = torch.cat([torch.where(dn_labels >= 0, dn_labels, class_masks.float().argmax(1)[:, None]),
+                                labels], 1)
+            fixed_labels = torch.cat([dn_labels, dn_labels.new_full((n, self.num_queries), -1)], 1)
+            dn_segments = torch.arange(pad, device=src.device) // (2 * dn_meta["single_pad"])
+            segments = torch.cat([dn_segments, segments + groups])
+
+        logits, boxes = self.decoder(tgt, reference, memory, mask, spatial_shapes, level_start_index, ratios,
+                                     dn_attn_mask, class_masks, ctx, labels, segments, fixed_labels)
+        return {"logits": logits, "boxes": boxes, "enc_logits": enc_logits, "enc_boxes": enc_boxes,
+                "topk_index": topk}
+
+
+def build_dino_transformer(d_model: int = 256, n_heads: int = 8, d_ffn: int = 2048, enc_layers: int = 6,
+                           dec_layers: int = 6, num_levels: int = 4, enc_points: int = 4, dec_points: int = 4,
+                           num_queries: int = 900, num_classes: int = 91, dropout: float = 0.0,
+                           activation: str = "relu", pe_temperature: float = 10000.0,
+                           look_forward_twice: bool = True, moe: Optional[MoESpec] = None) -> DINOTransformer:
+    """Build a :class:`DINOTransformer`; layer ``i``'s FFN comes from ``build_ffn("encoder.i"/"decoder.i", ...)``."""
+    for key, v in (("HIDDEN_DIM", d_model), ("NHEADS", n_heads), ("DIM_FEEDFORWARD", d_ffn),
+                   ("ENC_LAYERS", enc_layers), ("DEC_LAYERS", dec_layers), ("NUM_FEATURE_LEVELS", num_levels),
+                   ("ENC_N_POINTS", enc_points), ("DEC_N_POINTS", dec_points), ("NUM_QUERIES", num_queries),
+                   ("NUM_CLASSES", num_classes)):
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"MODEL.DINO.{key} must be a positive int, got {v!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"MODEL.DINO.DROPOUT must be in [0, 1), got {dropout!r}")
+    if moe is not None:
+        known = {f"encoder.{i}" for i in range(enc_layers)} | {f"decoder.{i}" for i in range(dec_layers)}
+        unknown = sorted(set(moe.layers) - known)
+        if unknown:
+            raise ValueError(f"MODEL.GEM.MOE_LAYERS names {unknown}, which are not FFNs of this model; expected "
+                             f"'encoder.i' (i < {enc_layers}) or 'decoder.i' (i < {dec_layers})")
+    enc = DeformableEncoder([
+        DeformableEncoderLayer(d_model, n_heads, num_levels, enc_points,
+                               build_ffn(f"encoder.{i}", d_model, d_ffn, dropout, activation, moe), dropout)
+        for i in range(enc_layers)])
+    dec = DeformableDecoder([
+        DeformableDecoderLayer(d_model, n_heads, num_levels, dec_points,
+                               build_ffn(f"decoder.{i}", d_model, d_ffn, dropout, activation, moe), dropout)
+        for i in range(dec_layers)], d_model, num_classes, pe_temperature, look_forward_twice)
+    return DINOTransformer(enc, dec, d_model, num_levels, num_queries, num_classes)
+
