@@ -1,1 +1,49 @@
-"""gem_d2.engine."""
+"""gem_d2.engine: training and evaluation machinery (detectron2 conventions, CPU and CUDA).
+
+- :class:`GemTrainer`: ``DefaultTrainer`` with gem_d2's loaders, evaluators, optimizer, checkpoints, hooks.
+- :func:`launch`, :func:`create_ddp_model`: multi-process training on CPU (gloo) and CUDA (NCCL).
+- :class:`GemCheckpointer`: checkpoints with the GEM mapping and unit prototypes, written atomically.
+- :func:`resolve_gem_mapping`: the mapping from config, checkpoint or planner, before the model is built.
+- :func:`build_gem_optimizer`: AdamW/SGD with backbone LR multiplier, no decay on norms/biases/embeddings.
+"""
+from .checkpoint import (
+    MAPPING_KEY,
+    PROTOTYPES_KEY,
+    GemCheckpointer,
+    MappingMismatchError,
+    atomic_write,
+    gem_mapping_from_cfg,
+    read_checkpoint_gem,
+)
+from .hooks import RoutingStatsHook, TrainingCurvesHook
+from .launch import create_ddp_model, launch, resolve_device, unwrap_model
+from .optimizer import build_gem_optimizer, build_param_groups
+from .planning import checkpoint_to_load, needs_planning, resolve_gem_mapping, write_config
+from .plotting import plot_training_curves
+from .trainer import GemAMPTrainer, GemTrainer, amp_dtype
+
+__all__ = [
+    "MAPPING_KEY",
+    "PROTOTYPES_KEY",
+    "GemAMPTrainer",
+    "GemCheckpointer",
+    "GemTrainer",
+    "MappingMismatchError",
+    "RoutingStatsHook",
+    "TrainingCurvesHook",
+    "amp_dtype",
+    "atomic_write",
+    "build_gem_optimizer",
+    "build_param_groups",
+    "checkpoint_to_load",
+    "create_ddp_model",
+    "gem_mapping_from_cfg",
+    "launch",
+    "needs_planning",
+    "plot_training_curves",
+    "read_checkpoint_gem",
+    "resolve_device",
+    "resolve_gem_mapping",
+    "unwrap_model",
+    "write_config",
+]

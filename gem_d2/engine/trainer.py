@@ -1,0 +1,204 @@
+"""GemTrainer: detectron2's DefaultTrainer wired to gem_d2's data, evaluation, optimizer and checkpoints."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import hooks as d2_hooks
+from detectron2.evaluation import DatasetEvaluator, inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from .. import data as gem_data
+from .. import evaluation as gem_evaluation
+from .checkpoint import GemCheckpointer
+from .hooks import RoutingStatsHook, TrainingCurvesHook
+from .launch import create_ddp_model
+from .optimizer import build_gem_optimizer
+
+__all__ = ["GemTrainer", "GemAMPTrainer", "amp_dtype"]
+logger = logging.getLogger(__name__)
+
+_AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def amp_dtype(cfg: CfgNode) -> Optional[torch.dtype]:
+    """The autocast dtype when ``SOLVER.AMP.ENABLED``, else None; a clear error where AMP cannot run.
+
+    Mixed precision is CUDA-only here: on CPU, enabling it is an error rather than a silent no-op.
+    """
+    if not cfg.SOLVER.AMP.ENABLED:
+        return None
+    device = torch.device(cfg.MODEL.DEVICE)
+    if device.type != "cuda":
+        raise ValueError(f"SOLVER.AMP.ENABLED=True needs MODEL.DEVICE cuda, got {cfg.MODEL.DEVICE!r}: "
+                         "mixed precision training is CUDA-only; set SOLVER.AMP.ENABLED False on CPU")
+    name = str(cfg.SOLVER.AMP.DTYPE).lower()
+    if name not in _AMP_DTYPES:
+        raise ValueError(f"SOLVER.AMP.DTYPE={cfg.SOLVER.AMP.DTYPE!r}: expected one of {sorted(_AMP_DTYPES)}")
+    if name == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("SOLVER.AMP.DTYPE='bfloat16' is not supported by this GPU; use float16")
+    return _AMP_DTYPES[name]
+
+
+class GemAMPTrainer(SimpleTrainer):
+    """Mixed-precision step on CUDA with a chosen dtype (detectron2 v0.6's AMPTrainer is float16 only).
+
+    float16 uses a gradient scaler; bfloat16 needs none. Gradients are unscaled before
+    ``optimizer.step`` so that gradient clipping inside the step sees their true norm.
+    """
+
+    def __init__(self, model, data_loader, optimizer, dtype: torch.dtype = torch.float16):
+        super().__init__(model, data_loader, optimizer)
+        self.dtype = dtype
+        self.grad_scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+    def run_step(self):
+        assert self.model.training, "[GemAMPTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with torch.autocast(device_type="cuda", dtype=self.dtype):
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                losses, loss_dict = loss_dict, {"total_loss": loss_dict}
+            else:
+                losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        self.grad_scaler.scale(losses).backward()
+        self._write_metrics(loss_dict, data_time)
+        self.grad_scaler.unscale_(self.optimizer)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+class GemTrainer(DefaultTrainer):
+    """DefaultTrainer for GEM-DINO.
+
+    Differences from detectron2's: gem_d2's multi-dataset loaders and per-dataset UODB evaluators;
+    ``test`` evaluates every ``DATASETS.TEST`` dataset and writes the summary table
+    (``results_table.md``/``results.json``) into ``OUTPUT_DIR``; AdamW with a backbone LR multiplier
+    (:func:`build_gem_optimizer`); DDP that also works on CPU (gloo); AMP with float16/bfloat16 on
+    CUDA; :class:`GemCheckpointer` (GEM mapping and prototypes in every checkpoint, atomic writes);
+    optimizer (and grad scaler) state saved and restored on ``--resume``; routing statistics in the
+    event storage and a ``training_curves.png`` at the end.
+
+    The config must already hold the resolved GEM mapping (see ``resolve_gem_mapping``).
+    """
+
+    def __init__(self, cfg: CfgNode):
+        TrainerBase.__init__(self)  # DefaultTrainer.__init__ hard-wires CUDA-only DDP and its checkpointer
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        dtype = amp_dtype(cfg)
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        if dtype is None:
+            self._trainer = SimpleTrainer(model, data_loader, optimizer)
+        else:
+            self._trainer = GemAMPTrainer(model, data_loader, optimizer, dtype)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = GemCheckpointer.from_config(cfg, model, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def build_hooks(self) -> List[d2_hooks.HookBase]:
+        """detectron2's hooks plus routing statistics (before the writer) and the curve plot (after it)."""
+        ret = [h for h in super().build_hooks() if h is not None]
+        routing = RoutingStatsHook(20, _train_dataset_names(self.cfg), self.cfg.OUTPUT_DIR)
+        writer_at = next((i for i, h in enumerate(ret) if isinstance(h, d2_hooks.PeriodicWriter)), len(ret))
+        ret.insert(writer_at, routing)
+        if comm.is_main_process():
+            ret.append(TrainingCurvesHook(self.cfg.OUTPUT_DIR))
+        return ret
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_gem_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return gem_data.build_gem_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return gem_data.build_gem_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return gem_evaluation.build_uodb_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators: Optional[List[DatasetEvaluator]] = None) -> Dict[str, dict]:
+        """Evaluate ``model`` on every ``DATASETS.TEST`` dataset; the main process writes the summary table.
+
+        Returns ``{dataset: evaluator result}`` (never collapsed to one dataset's dict, unlike
+        detectron2's, so the keys in metrics.json are always ``<dataset>/uodb/<metric>``).
+        """
+        if isinstance(evaluators, DatasetEvaluator):
+            evaluators = [evaluators]
+        if evaluators is not None and len(evaluators) != len(cfg.DATASETS.TEST):
+            raise ValueError(f"{len(evaluators)} evaluators for {len(cfg.DATASETS.TEST)} DATASETS.TEST datasets")
+        results: Dict[str, dict] = OrderedDict()
+        for idx, name in enumerate(cfg.DATASETS.TEST):
+            loader = cls.build_test_loader(cfg, name)
+            evaluator = evaluators[idx] if evaluators is not None else cls.build_evaluator(cfg, name)
+            results[name] = inference_on_dataset(model, loader, evaluator)
+            if comm.is_main_process():
+                logger.info(f"Evaluation results for {name} in csv format:")
+                print_csv_format(results[name])
+        if comm.is_main_process() and results:
+            table = gem_evaluation.summarize_results(results, cfg.OUTPUT_DIR)
+            logger.info("Per-dataset results (written to %s):\n%s",
+                        os.path.join(cfg.OUTPUT_DIR, "results_table.md"), table)
+        return results
+
+
+def _train_dataset_names(cfg: CfgNode) -> List[str]:
+    # Rows of model.routing_stats follow the unified label space's dataset order.
+    space_cls = getattr(gem_data, "UnifiedLabelSpace", None)
+    if space_cls is not None:
+        try:
+            space = space_cls.from_cfg(cfg)
+        except Exception as e:  # noqa: BLE001 - names are cosmetic; fall back to DATASETS.TRAIN
+            logger.warning(f"Unified label space unavailable for routing-stat names: {e!r}")
+        else:
+            for attr in ("dataset_names", "datasets", "names"):
+                names = getattr(space, attr, None)
+                if names:
+                    return [str(n) for n in names]
+    return list(cfg.DATASETS.TRAIN)
