@@ -12,7 +12,7 @@
 and the GEM mapping is resolved (planned on rank 0 when ``MODEL.GEM.MAPPING`` is empty, or taken
 from the checkpoint); the resolved config is written to ``OUTPUT_DIR/config.yaml``.
 """
-import gem_d2  # noqa: I001  (first: compatibility shims, then detectron2 registrations)
+import gem_d2  # noqa: F401,I001  (first: compatibility shims, then detectron2 registrations)
 
 import logging
 
