@@ -91,6 +91,7 @@ def _add_gem(cfg: CN) -> None:
     m.BALANCE_COEF = 0.01  # load-balancing loss coefficient over all experts
     g.DAMEX = dx = CN()
     dx.LOSS_COEF = 0.1  # cross-entropy coefficient toward the dataset's mapped expert
+    dx.CAPACITY_FACTOR = 1.25  # expert capacity = ceil(cf * T / E) as in DAMEX's tutel layer; <= 0 = unlimited
     g.ADAPT = a = CN()
     a.NEW_EXPERTS = 0  # experts appended for a new domain in tools/adapt.py
     a.SHOTS = 10  # K-shot per class for the new domain
