@@ -1,10 +1,24 @@
-"""gem_d2.data: UODB and generated datasets, unified label space, mapper and multi-dataset sampler.
+"""gem_d2.data: UODB and generated datasets, unified label space, mapper and multi-dataset sampler/loaders.
 
-Importing it registers (lazily: nothing is read until ``DatasetCatalog.get``) the generated ``synth_*``
-datasets under the default root.
+Importing it registers, lazily (nothing is read until ``DatasetCatalog.get``):
+
+- the 11 UODB datasets ``uodb_<name>_<split>`` under ``$DETECTRON2_DATASETS`` (default ``datasets``), see
+  :mod:`gem_d2.data.uodb` for the names and folder layout; ``register_uodb(root)`` moves them;
+- the generated datasets ``synth_<domain>_train|test`` under ``<that root>/gem_synth``, see
+  :mod:`gem_d2.data.synthetic`; ``ensure_synthetic(cfg)`` generates and re-registers them per config.
+
+Your own datasets: :func:`register_voc_dataset` (UODB/VOC layout) or :func:`register_coco_dataset` (COCO JSON).
 """
-from .synthetic import (  # noqa: F401
+from .build import build_gem_test_loader, build_gem_train_loader, dataset_sampling_weights, load_gem_datasets
+from .catalog import dataset_domain, datasets_root
+from .coco import register_coco_dataset
+from .label_space import UnifiedLabelSpace, dataset_classes, recorded_block
+from .mapper import GemDatasetMapper, ImageReadError, read_image_checked
+from .sampler import MultiDatasetTrainingSampler, sampling_probabilities
+from .summary import summarize_datasets
+from .synthetic import (
     DOMAIN_CLASSES,
+    DOMAIN_IMAGE_EXT,
     DOMAINS,
     RARE_DOMAIN,
     ensure_synthetic,
@@ -12,6 +26,18 @@ from .synthetic import (  # noqa: F401
     register_synthetic,
     synthetic_root,
 )
-from .voc import DatasetFormatError, VocLoadStats, load_voc_instances, register_voc_dataset  # noqa: F401
+from .uodb import UODB_DATASETS, register_uodb, uodb_dataset_names
+from .voc import DatasetFormatError, VocLoadStats, load_voc_instances, register_voc_dataset, register_voc_sources
 
+__all__ = [
+    "DOMAINS", "DOMAIN_CLASSES", "DOMAIN_IMAGE_EXT", "RARE_DOMAIN", "UODB_DATASETS",
+    "DatasetFormatError", "GemDatasetMapper", "ImageReadError", "MultiDatasetTrainingSampler", "UnifiedLabelSpace",
+    "VocLoadStats", "build_gem_test_loader", "build_gem_train_loader", "dataset_classes", "dataset_domain",
+    "dataset_sampling_weights", "datasets_root", "ensure_synthetic", "generate_synthetic", "load_gem_datasets",
+    "load_voc_instances", "read_image_checked", "recorded_block", "register_coco_dataset", "register_synthetic",
+    "register_uodb", "register_voc_dataset", "register_voc_sources", "sampling_probabilities", "summarize_datasets",
+    "synthetic_root", "uodb_dataset_names",
+]
+
+register_uodb(datasets_root())
 register_synthetic(synthetic_root())

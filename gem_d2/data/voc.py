@@ -247,6 +247,9 @@ def _load_and_record(name, sources, class_names, image_ext, coordinate_offset, s
     records, total = [], VocLoadStats()
     for root, split in sources:
         recs, st = load_voc_instances(root, split, class_names, name, image_ext, coordinate_offset)
+        if len(sources) > 1:  # image ids must stay unique across the concatenated sources
+            for r in recs:
+                r["image_id"] = f"{os.path.basename(os.path.normpath(root))}/{r['image_id']}"
         records.extend(recs)
         for key in ("images", "boxes", "difficult", "clipped", "dropped_degenerate"):
             setattr(total, key, getattr(total, key) + getattr(st, key))

@@ -1,0 +1,113 @@
+"""GemDatasetMapper: detectron2's DatasetMapper plus the dataset identity and unified labels gem_d2 needs."""
+import copy
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import DatasetMapper
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+from .label_space import UnifiedLabelSpace
+
+
+class ImageReadError(OSError):
+    """An image file exists but cannot be decoded (the message names the file)."""
+
+
+def read_image_checked(file_name: str, format: Optional[str] = None):
+    """detectron2's ``read_image`` with an error naming the file when it is missing or corrupt."""
+    try:
+        return utils.read_image(file_name, format=format)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"image file not found: {file_name}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"cannot read image {file_name}: {e}") from e
+
+
+class GemDatasetMapper(DatasetMapper):
+    """Maps a dataset dict like ``DatasetMapper`` (same augmentations) and adds, for every image:
+
+    - ``dataset_id`` (int): index of the image's dataset in the label space (test datasets: their domain's);
+    - ``dataset_name`` (str) and ``class_block`` ``(start, stop)``: the dataset's classes in the unified space;
+    - in training, ``instances.gt_classes`` in unified ids and ``instances.gt_difficult`` (bool).
+
+    Records must carry ``dataset_name`` (gem_d2's registrations and loaders add it). Images without objects
+    give empty ``instances``. Detection only: no semantic segmentation or precomputed proposals.
+    """
+
+    @configurable
+    def __init__(self, is_train: bool, *, label_space: UnifiedLabelSpace, **kwargs):
+        """Args: ``is_train``, ``label_space`` and every keyword argument of ``DatasetMapper``."""
+        super().__init__(is_train, **kwargs)
+        if self.proposal_topk is not None:
+            raise ValueError("GemDatasetMapper does not load precomputed proposals (MODEL.LOAD_PROPOSALS)")
+        self.label_space = label_space
+        self._dataset_ids: Dict[str, int] = {}
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True, label_space: Optional[UnifiedLabelSpace] = None):
+        ret = super().from_config(cfg, is_train)
+        ret["label_space"] = label_space if label_space is not None else UnifiedLabelSpace.from_cfg(cfg)
+        return ret
+
+    def dataset_id(self, name: str) -> int:
+        """Label-space index of dataset ``name`` (cached)."""
+        if name not in self._dataset_ids:
+            self._dataset_ids[name] = self.label_space.dataset_index(name)
+        return self._dataset_ids[name]
+
+    def _transform_annotations(self, dataset_dict, transforms, image_shape):
+        annos = []
+        for obj in dataset_dict.pop("annotations"):
+            if obj.get("iscrowd", 0) != 0:
+                continue
+            obj = dict(obj)
+            if not self.use_instance_mask:
+                obj.pop("segmentation", None)
+            if not self.use_keypoint:
+                obj.pop("keypoints", None)
+            annos.append(utils.transform_instance_annotations(
+                obj, transforms, image_shape, keypoint_hflip_indices=self.keypoint_hflip_indices))
+        instances = utils.annotations_to_instances(annos, image_shape, mask_format=self.instance_mask_format)
+        instances.gt_difficult = torch.tensor([bool(a.get("difficult", 0)) for a in annos], dtype=torch.bool)
+        if self.recompute_boxes:
+            instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
+        dataset_dict["instances"] = utils.filter_empty_instances(instances)
+
+    def __call__(self, dataset_dict):
+        """Map one record (see the class doc); errors name the image file or the dataset."""
+        name = dataset_dict.get("dataset_name")
+        if name is None:
+            raise KeyError(f"record of {dataset_dict.get('file_name', '?')} has no 'dataset_name': load datasets "
+                           f"with gem_d2.data.get_gem_dataset_dicts (or add the key) before GemDatasetMapper")
+        index = self.dataset_id(name)
+        start, stop = self.label_space.block(index)
+        out = self._map_image(copy.deepcopy(dataset_dict))
+        out["dataset_id"] = index
+        out["dataset_name"] = name
+        out["class_block"] = (start, stop)
+        if "instances" in out:
+            gt = out["instances"].gt_classes
+            if len(gt) and (int(gt.min()) < 0 or int(gt.max()) >= stop - start):
+                raise ValueError(f"{dataset_dict['file_name']}: category ids {gt.tolist()} outside dataset '{name}' "
+                                 f"({stop - start} classes)")
+            out["instances"].gt_classes = gt + start
+        return out
+
+    def _map_image(self, dataset_dict):
+        """DatasetMapper's detection steps: read (errors name the file), augment, image tensor, annotations."""
+        image = read_image_checked(dataset_dict["file_name"], format=self.image_format)
+        utils.check_image_size(dataset_dict, image)
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        image_shape = image.shape[:2]
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            return dataset_dict
+        if "annotations" in dataset_dict:
+            self._transform_annotations(dataset_dict, transforms, image_shape)
+        return dataset_dict

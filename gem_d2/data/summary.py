@@ -1,0 +1,35 @@
+"""A text table describing datasets (images, boxes, classes, skipped boxes), for logs and the demo."""
+from typing import Sequence
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from tabulate import tabulate
+
+from .catalog import require_registered
+
+
+def summarize_datasets(names: Sequence[str]) -> str:
+    """Load each dataset and return a table: images, boxes, difficult, classes, dropped unknown, clipped, dropped empty.
+
+    The last three come from the VOC reader's load statistics (``-`` for datasets without them, e.g. COCO JSON).
+    """
+    if isinstance(names, str):
+        names = [names]
+    rows = []
+    for name in names:
+        require_registered(name)
+        records = DatasetCatalog.get(name)
+        meta = MetadataCatalog.get(name)
+        boxes = sum(len(r.get("annotations", [])) for r in records)
+        difficult = sum(int(bool(a.get("difficult", 0))) for r in records for a in r.get("annotations", []))
+        stats = meta.get("load_stats")
+        if stats is not None and stats.loaded:
+            unknown = stats.num_dropped_unknown
+            if stats.dropped_unknown:
+                unknown = f"{unknown} ({', '.join(f'{k}: {v}' for k, v in sorted(stats.dropped_unknown.items()))})"
+            skipped = [unknown, stats.clipped, stats.dropped_degenerate]
+        else:
+            skipped = ["-", "-", "-"]
+        classes = meta.get("thing_classes") or []
+        rows.append([name, len(records), boxes, difficult, len(classes), *skipped])
+    headers = ["dataset", "images", "boxes", "difficult", "classes", "dropped unknown", "clipped", "dropped empty"]
+    return tabulate(rows, headers=headers, tablefmt="github")
