@@ -1,0 +1,69 @@
+"""A bank of E FFN experts with stacked weights, each shaped like the dense :class:`~gem_d2.modeling.ffn.FFN`."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ffn import FFN, _activation
+
+
+class ExpertBank(nn.Module):
+    """E experts ``Linear(C, F) -> activation -> dropout -> Linear(F, C)`` stored stacked.
+
+    Parameters use nn.Linear's (out, in) layout so one expert computes exactly like the dense FFN:
+    ``w1`` (E, F, C), ``b1`` (E, F), ``w2`` (E, C, F), ``b2`` (E, C). Because each kind of weight is
+    one Parameter, calling any expert gives every expert's slice a gradient (zero for unused ones).
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_ffn: int, dropout: float = 0.0,
+                 activation: str = "relu"):
+        super().__init__()
+        self.num_experts, self.d_model, self.d_ffn = int(num_experts), int(d_model), int(d_ffn)
+        E, C, Fh = self.num_experts, self.d_model, self.d_ffn
+        self.w1 = nn.Parameter(torch.empty(E, Fh, C))
+        self.b1 = nn.Parameter(torch.empty(E, Fh))
+        self.w2 = nn.Parameter(torch.empty(E, C, Fh))
+        self.b2 = nn.Parameter(torch.empty(E, C))
+        self.activation = _activation(activation)
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases."""
+        for p, fan_in in ((self.w1, self.d_model), (self.b1, self.d_model), (self.w2, self.d_ffn),
+                          (self.b2, self.d_ffn)):
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(p, -bound, bound)
+
+    def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on tokens ``x`` (T, C) -> (T, C)."""
+        h = self.dropout(self.activation(F.linear(x, self.w1[e], self.b1[e])))
+        return F.linear(h, self.w2[e], self.b2[e])
+
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on its own tokens in one batched matmul: ``x`` (E, S, C) -> (E, S, C)."""
+        if x.dim() != 3 or x.shape[0] != self.num_experts:
+            raise ValueError(f"ExpertBank.forward_all expects (E={self.num_experts}, S, C), got {tuple(x.shape)}")
+        h = torch.baddbmm(self.b1[:, None, :].to(x.dtype), x, self.w1.transpose(1, 2).to(x.dtype))
+        h = self.dropout(self.activation(h))
+        return torch.baddbmm(self.b2[:, None, :].to(h.dtype), h, self.w2.transpose(1, 2).to(h.dtype))
+
+    @torch.no_grad()
+    def load_from_ffn(self, ffn: FFN, experts: Optional[Sequence[int]] = None) -> None:
+        """Copy a dense FFN's weights into ``experts`` (default: all), e.g. to start from a dense model."""
+        if ffn.linear1.weight.shape != self.w1.shape[1:] or ffn.linear2.weight.shape != self.w2.shape[1:]:
+            raise ValueError(f"load_from_ffn: FFN has linear1 {tuple(ffn.linear1.weight.shape)}, linear2 "
+                             f"{tuple(ffn.linear2.weight.shape)}; experts expect {tuple(self.w1.shape[1:])}, "
+                             f"{tuple(self.w2.shape[1:])}")
+        for e in range(self.num_experts) if experts is None else experts:
+            self.w1[e].copy_(ffn.linear1.weight)
+            self.b1[e].copy_(ffn.linear1.bias)
+            self.w2[e].copy_(ffn.linear2.weight)
+            self.b2[e].copy_(ffn.linear2.bias)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ffn={self.d_ffn}"

@@ -1,0 +1,111 @@
+"""MoEFFN: an expert bank plus a router, a drop-in replacement of the dense FFN of one transformer layer."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ffn import FFN, MoESpec, RoutingContext
+from .base import ROUTER_REGISTRY, TokenBatch
+from .experts import ExpertBank
+
+
+class MoEFFN(nn.Module):
+    """``forward(x (N, L, C), ctx) -> (N, L, C)``: routes the tokens of ``x`` to FFN experts.
+
+    Records into ``ctx``: auxiliary losses as ``aux_losses[f"loss_{name}_{layer_name}"]``; statistics
+    ``stats[f"{layer_name}/tokens_per_expert"]`` (num_datasets, R) float (valid tokens per route per
+    dataset; fractional for SoftMoE) and router-specific scalars ``stats[f"{layer_name}/<name>"]``;
+    ``prev_router_logits`` (N, L, R) when the router exports logits (MoE++ gating residuals).
+    Padded tokens (``ctx.key_padding_mask`` True) are not computed (output 0) and not counted.
+
+    DDP: without ``find_unused_parameters`` DDP waits forever for gradients of parameters that took
+    no part in the forward. Expert weights are stacked Parameters, so one expert call gives every
+    expert a (zero) gradient; the router's parameters, and the experts' when no expert ran at all
+    (all tokens dropped/padded or sent to non-FFN routes), are added to the output as
+    ``0.0 * sum(p.sum())``, which gives them exact zero gradients.
+    """
+
+    def __init__(self, layer_name: str, d_model: int, d_ffn: int, dropout: float, activation: str,
+                 spec: MoESpec):
+        super().__init__()
+        self.layer_name = layer_name
+        if spec.router not in ROUTER_REGISTRY:
+            raise KeyError(f"MODEL.GEM.ROUTER={spec.router!r} is not a registered router; registered: "
+                           f"{sorted(name for name, _ in ROUTER_REGISTRY)}")
+        self.router = ROUTER_REGISTRY.get(spec.router)(d_model=d_model, num_experts=spec.num_experts,
+                                                       **dict(spec.router_kwargs))
+        self.experts = ExpertBank(self.router.num_experts, d_model, d_ffn, dropout, activation)
+        self.num_datasets: Optional[int] = getattr(spec, "num_datasets", None)
+
+    def load_from_ffn(self, ffn: FFN) -> None:
+        """Copy a dense FFN's weights into every expert (a ``dense`` MoEFFN then equals ``ffn``)."""
+        self.experts.load_from_ffn(ffn)
+
+    def forward(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        tokens = self._flatten(x, ctx)
+        result = self.router.forward_moe(tokens, self.experts)
+        out = result.output.reshape(x.shape[0], x.shape[1], -1)
+        anchor = self._ddp_anchor(result.experts_ran) if torch.is_grad_enabled() else None
+        if anchor is not None:
+            out = out + anchor
+
+        for name, value in result.aux_losses.items():
+            ctx.aux_losses[f"loss_{name}_{self.layer_name}"] = value
+        for name, value in result.stats.items():
+            ctx.stats[f"{self.layer_name}/{name}"] = value.detach()
+        ctx.stats[f"{self.layer_name}/tokens_per_expert"] = self._per_dataset(result.token_load, tokens)
+        if result.router_logits is not None:
+            ctx.prev_router_logits = result.router_logits.reshape(x.shape[0], x.shape[1], -1)
+        return out
+
+    def _flatten(self, x: torch.Tensor, ctx: RoutingContext) -> TokenBatch:
+        if x.dim() != 3:
+            raise ValueError(f"{self.layer_name}: MoEFFN expects x of shape (N, L, C), got {tuple(x.shape)}")
+        N, L, C = x.shape
+        ds = ctx.dataset_ids
+        if ds is None or ds.shape != (N,):
+            raise ValueError(f"{self.layer_name}: ctx.dataset_ids must have shape (N={N},), "
+                             f"got {None if ds is None else tuple(ds.shape)}")
+        valid = torch.ones(N, L, dtype=torch.bool, device=x.device)
+        if ctx.key_padding_mask is not None:
+            if ctx.key_padding_mask.shape != (N, L):
+                raise ValueError(f"{self.layer_name}: ctx.key_padding_mask must be (N, L)={(N, L)}, "
+                                 f"got {tuple(ctx.key_padding_mask.shape)}")
+            valid = ~ctx.key_padding_mask.bool()
+        labels = None
+        if ctx.query_labels is not None:
+            if ctx.query_labels.shape != (N, L):
+                raise ValueError(f"{self.layer_name}: ctx.query_labels must be (N, L)={(N, L)}, "
+                                 f"got {tuple(ctx.query_labels.shape)}")
+            labels = ctx.query_labels.reshape(-1).long()
+        if ctx.segments is not None and ctx.segments.shape != (L,):
+            raise ValueError(f"{self.layer_name}: ctx.segments must be (L={L},), got {tuple(ctx.segments.shape)}")
+        dataset = ds.long().to(x.device).repeat_interleave(L)
+        return TokenBatch(x.reshape(N * L, C), dataset, labels, valid.reshape(-1), (N, L), ctx)
+
+    def _per_dataset(self, token_load: torch.Tensor, tokens: TokenBatch) -> torch.Tensor:
+        """(num_datasets, R): sum of ``token_load`` over the valid tokens of each dataset."""
+        load = token_load.detach().float()[tokens.valid]
+        ds = tokens.dataset[tokens.valid]
+        num_datasets = self.num_datasets
+        if num_datasets is None:
+            num_datasets = int(tokens.dataset.max()) + 1 if tokens.dataset.numel() else 0
+        if ds.numel() and (int(ds.min()) < 0 or int(ds.max()) >= num_datasets):
+            raise ValueError(f"{self.layer_name}: ctx.dataset_ids must lie in [0, {num_datasets}) "
+                             f"(MoESpec.num_datasets), got [{int(ds.min())}, {int(ds.max())}]")
+        return load.new_zeros(num_datasets, load.shape[1]).index_add_(0, ds, load)
+
+    def _ddp_anchor(self, experts_ran: bool) -> Optional[torch.Tensor]:
+        """0.0 * (sum of the parameters the forward may not have touched), or None if there are none."""
+        params = list(self.router.parameters())
+        if not experts_ran:
+            params += list(self.experts.parameters())
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            return None
+        return 0.0 * sum(p.sum() for p in params)
+
+    def extra_repr(self) -> str:
+        return f"layer_name={self.layer_name!r}"

@@ -1,0 +1,63 @@
+"""ReMoE (Wang, Chen, Zhu 2024): ReLU gates with an adaptive load-weighted L1 sparsity penalty."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+
+from .base import Router, RoutingPlan, TokenBatch, check_positive_int, register_router, router_logits_fp32
+
+
+@register_router("remoe")
+class ReMoERouter(Router):
+    """g = ReLU(W_g x) (fp32); a token uses every expert with g_e > 0, weighted by g_e.
+
+    Aux loss "remoe_l1" = ``lambda * E * sum_e (sum_t g_te / T) * (n_e / (T * k))`` over the T valid
+    tokens (n_e = tokens with g_te > 0, k = target_k). ``lambda`` is a persistent buffer (checkpointed;
+    DDP's buffer broadcast keeps ranks in sync): after each training-mode forward it is multiplied by
+    ``l1_multiplier`` while the measured sparsity (share of zero gates) is below the target
+    ``1 - k/E``, divided otherwise. Stats: "remoe_sparsity", "remoe_l1_coef".
+    """
+
+    def __init__(self, d_model: int, num_experts: int, l1_init: float = 1e-8, l1_multiplier: float = 1.2,
+                 target_k: int = 1):
+        super().__init__(d_model, num_experts)
+        if not float(l1_init) > 0:
+            raise ValueError(f"MODEL.GEM.REMOE.L1_INIT={l1_init!r}: expected > 0")
+        if not float(l1_multiplier) > 1:
+            raise ValueError(f"MODEL.GEM.REMOE.L1_MULTIPLIER={l1_multiplier!r}: expected > 1")
+        self.target_k = check_positive_int(target_k, "MODEL.GEM.REMOE.TARGET_K")
+        if self.target_k > self.num_experts:
+            raise ValueError(f"MODEL.GEM.REMOE.TARGET_K={target_k}: expected <= MODEL.GEM.NUM_EXPERTS={num_experts}")
+        self.l1_multiplier = float(l1_multiplier)
+        self.register_buffer("l1_coef", torch.tensor(float(l1_init), dtype=torch.float64))
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+
+    @property
+    def target_sparsity(self) -> float:
+        return 1.0 - self.target_k / self.num_experts
+
+    @classmethod
+    def kwargs_from_cfg(cls, cfg, dataset_names: List[str]) -> dict:
+        r = cfg.MODEL.GEM.REMOE
+        return dict(l1_init=r.L1_INIT, l1_multiplier=r.L1_MULTIPLIER, target_k=r.TARGET_K)
+
+    def route(self, tokens: TokenBatch) -> RoutingPlan:
+        gates = torch.relu(router_logits_fp32(self.gate, tokens.x))  # (T, E)
+        T, E = gates.shape
+        valid = tokens.valid
+        on = (gates > 0) & valid[:, None]
+        n_valid = valid.sum().clamp(min=1).to(gates.dtype)
+        mean_gate = (gates * valid[:, None]).sum(0) / n_valid
+        load = on.sum(0).to(gates.dtype) / (n_valid * self.target_k)
+        coef = self.l1_coef.detach().clone()
+        loss = coef.to(gates.dtype) * E * (mean_gate * load).sum()
+        sparsity = 1.0 - on.sum().to(torch.float64) / (n_valid.double() * E)
+        if self.training and bool(valid.any()):
+            with torch.no_grad():
+                factor = self.l1_multiplier if float(sparsity) < self.target_sparsity else 1.0 / self.l1_multiplier
+                self.l1_coef.mul_(factor)
+        index = torch.arange(E, device=gates.device).expand(T, E)
+        return RoutingPlan(index, gates, ~(gates > 0), {"remoe_l1": loss},
+                           stats={"remoe_sparsity": sparsity.float(), "remoe_l1_coef": coef.float()})
