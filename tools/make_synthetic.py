@@ -7,11 +7,13 @@
 Defaults come from gem_d2's config (``DATASETS.SYNTH.*``); the root defaults to
 ``<$DETECTRON2_DATASETS or datasets>/gem_synth``. Re-running with the same parameters does nothing.
 """
-import argparse  # noqa: I001  (gem_d2 must be imported before detectron2)
+import argparse
 import sys
 import time
 
 import gem_d2  # noqa: F401  (applies the compatibility shims before detectron2 is used)
+
+# isort: split
 from detectron2.config import get_cfg
 
 from gem_d2.config import add_gem_config

@@ -10,7 +10,7 @@ Importing it registers, lazily (nothing is read until ``DatasetCatalog.get``):
 Your own datasets: :func:`register_voc_dataset` (UODB/VOC layout) or :func:`register_coco_dataset` (COCO JSON).
 """
 from .build import build_gem_test_loader, build_gem_train_loader, dataset_sampling_weights, load_gem_datasets
-from .catalog import dataset_domain, datasets_root
+from .catalog import UnknownDatasetError, dataset_domain, datasets_root
 from .coco import register_coco_dataset
 from .label_space import UnifiedLabelSpace, dataset_classes, recorded_block
 from .mapper import GemDatasetMapper, ImageReadError, read_image_checked
@@ -32,7 +32,8 @@ from .voc import DatasetFormatError, VocLoadStats, load_voc_instances, register_
 __all__ = [
     "DOMAINS", "DOMAIN_CLASSES", "DOMAIN_IMAGE_EXT", "RARE_DOMAIN", "UODB_DATASETS",
     "DatasetFormatError", "GemDatasetMapper", "ImageReadError", "MultiDatasetTrainingSampler", "UnifiedLabelSpace",
-    "VocLoadStats", "build_gem_test_loader", "build_gem_train_loader", "dataset_classes", "dataset_domain",
+    "UnknownDatasetError", "VocLoadStats", "build_gem_test_loader", "build_gem_train_loader", "dataset_classes",
+    "dataset_domain",
     "dataset_sampling_weights", "datasets_root", "ensure_synthetic", "generate_synthetic", "load_gem_datasets",
     "load_voc_instances", "read_image_checked", "recorded_block", "register_coco_dataset", "register_synthetic",
     "register_uodb", "register_voc_dataset", "register_voc_sources", "sampling_probabilities", "summarize_datasets",

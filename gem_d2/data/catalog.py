@@ -17,6 +17,13 @@ GEM_EVALUATOR_TYPE = "gem_uodb"  # evaluator_type of every dataset registered by
 _SPLIT_WORDS = ("train", "val", "test", "trainval", "minival", "valminusminival", "valid", "validation")
 
 
+class UnknownDatasetError(KeyError):
+    """A dataset name that is not registered (or not covered by the label space); a KeyError with a plain message."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def datasets_root(cfg=None) -> str:
     """Return the datasets root: ``cfg.DATASETS.UODB_ROOT`` if set, else ``$DETECTRON2_DATASETS``, else ``datasets``."""
     if cfg is not None:
@@ -41,7 +48,7 @@ def require_registered(name: str) -> None:
     registered = DatasetCatalog.list()
     if name not in registered:
         ours = sorted(n for n in registered if n.startswith(("uodb_", "synth_")))
-        raise KeyError(
+        raise UnknownDatasetError(
             f"dataset '{name}' is not registered. Register it with gem_d2.data.register_voc_dataset / "
             f"register_coco_dataset (or detectron2's DatasetCatalog). gem_d2 datasets: {', '.join(ours)}"
         )

@@ -14,7 +14,7 @@ from typing import List, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .catalog import dataset_domain, require_registered
+from .catalog import UnknownDatasetError, dataset_domain, require_registered
 
 METADATA_KEY = "gem_label_blocks"
 
@@ -92,8 +92,9 @@ class UnifiedLabelSpace:
             return self.dataset_names.index(name)
         domain = dataset_domain(name)
         if domain not in self.domains:
-            raise KeyError(f"dataset '{name}' (domain '{domain}') is not in the label space: no dataset of its domain "
-                           f"is in DATASETS.TRAIN {list(self.dataset_names)} (domains {list(self.domains)})")
+            raise UnknownDatasetError(
+                f"dataset '{name}' (domain '{domain}') is not in the label space: no dataset of its domain is in "
+                f"DATASETS.TRAIN {list(self.dataset_names)} (domains {list(self.domains)})")
         index = self.domains.index(domain)
         classes = tuple(dataset_classes(name))
         if classes != self._classes[index]:
@@ -139,8 +140,9 @@ class UnifiedLabelSpace:
         for name in cfg.DATASETS.TEST:
             try:
                 space.dataset_index(name)
-            except KeyError as e:
-                raise KeyError(f"DATASETS.TEST has '{name}', which no dataset of DATASETS.TRAIN covers: {e}") from None
+            except UnknownDatasetError as e:
+                raise UnknownDatasetError(f"DATASETS.TEST has '{name}', which no dataset of DATASETS.TRAIN covers: "
+                                          f"{e}") from None
         space.record_in_metadata(cfg.DATASETS.TEST)
         return space
 
@@ -175,6 +177,6 @@ def recorded_block(dataset_name: str, signature: str) -> Tuple[int, int]:
     """The ``(start, stop)`` recorded for ``dataset_name`` by the label space with ``signature``."""
     blocks = MetadataCatalog.get(dataset_name).get(METADATA_KEY) or {}
     if signature not in blocks:
-        raise KeyError(f"no label block of '{dataset_name}' recorded for label space '{signature}' "
+        raise UnknownDatasetError(f"no label block of '{dataset_name}' recorded for label space '{signature}' "
                        f"(recorded: {list(blocks)})")
     return blocks[signature]

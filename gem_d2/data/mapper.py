@@ -80,7 +80,7 @@ class GemDatasetMapper(DatasetMapper):
         """Map one record (see the class doc); errors name the image file or the dataset."""
         name = dataset_dict.get("dataset_name")
         if name is None:
-            raise KeyError(f"record of {dataset_dict.get('file_name', '?')} has no 'dataset_name': load datasets "
+            raise ValueError(f"record of {dataset_dict.get('file_name', '?')} has no 'dataset_name': load datasets "
                            f"with gem_d2.data.get_gem_dataset_dicts (or add the key) before GemDatasetMapper")
         index = self.dataset_id(name)
         start, stop = self.label_space.block(index)

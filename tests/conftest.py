@@ -1,0 +1,115 @@
+"""Shared pytest fixtures (owned by the data pipeline; others may append fixtures below).
+
+- ``write_voc``: a function writing a small dataset in the UODB/VOC layout (images, XML, split file).
+- ``small_synth``: the generated multi-domain dataset at a tiny size (written once per session), with the
+  ``synth_*`` datasets registered under it for the session.
+- ``data_cfg``: a fresh detectron2 config with gem_d2's keys and small CPU-friendly input sizes.
+"""
+import os
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import gem_d2  # noqa: F401  (shims + registrations before detectron2)
+
+# isort: split
+from detectron2.config import get_cfg
+
+from gem_d2.config import add_gem_config
+from gem_d2.data import catalog, synthetic
+
+# An object of a fixture dataset: (name, xmin, ymin, xmax, ymax, difficult or None = no <difficult> tag).
+VocObject = Tuple[str, float, float, float, float, Optional[int]]
+
+SMALL_SYNTH = {"images_per_domain": 6, "test_images_per_domain": 2, "image_size": 96, "seed": 0}
+
+
+def _xml(file_name: str, size: Optional[Tuple[int, int]], objects: Iterable[VocObject]) -> str:
+    parts = [f"<annotation><filename>{file_name}</filename>"]
+    if size is not None:
+        parts.append(f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>")
+    for name, x0, y0, x1, y1, difficult in objects:
+        diff = "" if difficult is None else f"<difficult>{difficult}</difficult>"
+        parts.append(f"<object><name>{name}</name>{diff}<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>"
+                     f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>")
+    parts.append("</annotation>")
+    return "".join(parts)
+
+
+def write_voc_dataset(root, split: str, images: Dict[str, dict]) -> str:
+    """Write ``images`` (id -> {"objects": [VocObject], "size": (w, h), "ext": ".jpg", "xml_size": True,
+    "color": (r, g, b)}) under ``root`` in the VOC layout and append their ids to ``<split>.txt``; returns root."""
+    root = os.fspath(root)
+    for sub in ("Annotations", os.path.join("ImageSets", "Main"), "JPEGImages"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for image_id, spec in images.items():
+        w, h = spec.get("size", (64, 48))
+        ext = spec.get("ext", ".jpg")
+        color = spec.get("color", (120, 60, 30))
+        Image.new("RGB", (w, h), color).save(os.path.join(root, "JPEGImages", image_id + ext))
+        xml_size = (w, h) if spec.get("xml_size", True) else None
+        with open(os.path.join(root, "Annotations", image_id + ".xml"), "w") as f:
+            f.write(_xml(image_id + ext, xml_size, spec.get("objects", [])))
+    with open(os.path.join(root, "ImageSets", "Main", f"{split}.txt"), "a") as f:
+        f.write("".join(i + "\n" for i in images))
+    return root
+
+
+@pytest.fixture
+def write_voc():
+    """The :func:`write_voc_dataset` helper."""
+    return write_voc_dataset
+
+
+@pytest.fixture
+def registered_names():
+    """A list to append test dataset names to; they are unregistered after the test."""
+    names = []
+    yield names
+    for n in names:
+        catalog.unregister(n)
+
+
+@pytest.fixture(scope="session")
+def small_synth(tmp_path_factory):
+    """Generate the multi-domain dataset at ``SMALL_SYNTH`` size once and register ``synth_*`` under it."""
+    root = tmp_path_factory.mktemp("synth") / "gem_synth"
+    summary = synthetic.generate_synthetic(root, **SMALL_SYNTH)
+    synthetic.register_synthetic(root)
+    yield summary
+    synthetic.register_synthetic(synthetic.synthetic_root())
+
+
+def make_cfg(train: Sequence[str] = (), test: Sequence[str] = (), **overrides):
+    """A gem_d2 config with small inputs (short side 64, no flip) and the given datasets."""
+    cfg = add_gem_config(get_cfg())
+    cfg.DATASETS.TRAIN = tuple(train)
+    cfg.DATASETS.TEST = tuple(test)
+    cfg.INPUT.MIN_SIZE_TRAIN = (64,)
+    cfg.INPUT.MAX_SIZE_TRAIN = 128
+    cfg.INPUT.MIN_SIZE_TEST = 64
+    cfg.INPUT.MAX_SIZE_TEST = 128
+    cfg.INPUT.RANDOM_FLIP = "none"
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.SEED = 0
+    for key, value in overrides.items():
+        node = cfg
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return cfg
+
+
+@pytest.fixture
+def data_cfg():
+    """The :func:`make_cfg` helper."""
+    return make_cfg
+
+
+def image_array(path) -> np.ndarray:
+    """An image file's pixels as a numpy array."""
+    with Image.open(path) as im:
+        return np.asarray(im)
