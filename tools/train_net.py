@@ -53,10 +53,31 @@ def prepare_datasets(cfg):
         register_uodb(cfg.DATASETS.UODB_ROOT)
 
 
+def _tolerate_missing_compiled_extension():
+    # default_setup logs detectron2's environment table, which asks detectron2._C for its compiler
+    # version; with the pure-Python stand-in of a build without _C (tools/bootstrap.py) that raises.
+    # The table is informational only, so report the gap instead of failing the run.
+    from detectron2.engine import defaults
+
+    collect = defaults.collect_env_info
+    if getattr(collect, "_gem_tolerant", False):
+        return
+
+    def collect_env_info():
+        try:
+            return collect()
+        except NotImplementedError as e:
+            return f"(detectron2 environment table unavailable: {e})"
+
+    collect_env_info._gem_tolerant = True
+    defaults.collect_env_info = collect_env_info
+
+
 def setup(args):
     """The resolved, frozen config of this run (logging, output folder, datasets, GEM mapping)."""
     cfg = build_cfg(args)
     cfg.freeze()
+    _tolerate_missing_compiled_extension()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gem_d2", abbrev_name="gem")
     prepare_datasets(cfg)

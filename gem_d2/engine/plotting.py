@@ -64,7 +64,8 @@ def plot_training_curves(metrics_path: str, out_path: str) -> str:
     ax = axes[0][0]
     for key in losses:
         its, vals = zip(*series[key])
-        ax.plot(its, vals, label=key, linewidth=2.0 if key == "total_loss" else 1.0)
+        ax.plot(its, vals, label=key, linewidth=2.0 if key == "total_loss" else 1.0,
+                marker="." if len(its) < 30 else None)
     if all(v > 0 for k in losses for _, v in series[k]):
         ax.set_yscale("log")
     ax.set(title="training losses (last decoder layer + total)", xlabel="iteration")
@@ -72,7 +73,7 @@ def plot_training_curves(metrics_path: str, out_path: str) -> str:
     ax = axes[0][1]
     if "lr" in series:
         its, vals = zip(*series["lr"])
-        ax.plot(its, vals)
+        ax.plot(its, vals, marker="." if len(its) < 30 else None)
     ax.set(title="learning rate", xlabel="iteration")
     if evals:
         ax = axes[0][2]

@@ -182,9 +182,8 @@ class GemTrainer(DefaultTrainer):
                 logger.info(f"Evaluation results for {name} in csv format:")
                 print_csv_format(results[name])
         if comm.is_main_process() and results:
-            table = gem_evaluation.summarize_results(results, cfg.OUTPUT_DIR)
-            logger.info("Per-dataset results (written to %s):\n%s",
-                        os.path.join(cfg.OUTPUT_DIR, "results_table.md"), table)
+            gem_evaluation.summarize_results(results, cfg.OUTPUT_DIR)  # prints the table
+            logger.info(f"Per-dataset results table written to {os.path.join(cfg.OUTPUT_DIR, 'results_table.md')}")
         return results
 
 
