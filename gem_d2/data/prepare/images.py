@@ -28,7 +28,9 @@ def large_images():
 
 
 def image_size(path) -> tuple:
-    """``(width, height)`` from the image header; an unreadable file raises :class:`SourceFormatError`."""
+    """``(width, height)`` from the image header; a missing or unreadable file raises :class:`SourceFormatError`."""
+    if not os.path.isfile(path):
+        raise SourceFormatError(path, "image file not found")
     try:
         with large_images(), Image.open(path) as im:
             return im.size
@@ -37,7 +39,9 @@ def image_size(path) -> tuple:
 
 
 def load_image(path, mode=None) -> Image.Image:
-    """Decode ``path`` fully (converted to ``mode`` when given); unreadable -> :class:`SourceFormatError`."""
+    """Decode ``path`` fully (converted to ``mode`` when given); missing/unreadable -> :class:`SourceFormatError`."""
+    if not os.path.isfile(path):
+        raise SourceFormatError(path, "image file not found")
     try:
         with large_images(), Image.open(path) as im:
             im.load()

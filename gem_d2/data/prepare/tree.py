@@ -42,6 +42,7 @@ class VocTreeWriter:
         self.dropped = dropped
         self.keep_empty = keep_empty
         self._splits: Dict[str, List[str]] = {}
+        self._members: Dict[str, set] = {}
         self._images: Dict[str, SplitStats] = {}  # image id -> its boxes as a one-image SplitStats
 
     def _image_path(self, image_id: str) -> str:
@@ -57,6 +58,13 @@ class VocTreeWriter:
         st = SplitStats(images=1, boxes=len(boxes), difficult=sum(b.difficult for b in boxes),
                         classes=Counter(b.name for b in boxes))
         self._images[image_id] = st
+        self._include(split, image_id)
+
+    def _include(self, split: str, image_id: str) -> None:
+        members = self._members.setdefault(split, set())
+        if image_id in members:
+            raise ValueError(f"image id {image_id!r} listed twice in split '{split}' of {self.folder_dir}")
+        members.add(image_id)
         self._splits.setdefault(split, []).append(image_id)
 
     def add(self, split: str, image_id: str, width: int, height: int, boxes: Sequence[Box], *,
@@ -98,7 +106,7 @@ class VocTreeWriter:
         An id already added (VOC lists an image in several split files) is only added to ``split``.
         """
         if image_id in self._images:
-            self._splits.setdefault(split, []).append(image_id)
+            self._include(split, image_id)
             return
         self._check_id(image_id)
         ann = parse_voc_xml(xml_source)
@@ -123,7 +131,8 @@ class VocTreeWriter:
                                         "(check the source files and the dropped-item counts)")
         stats = {}
         for split, ids in self._splits.items():
-            write_text(os.path.join(self.folder_dir, "ImageSets", "Main", f"{split}.txt"), "".join(i + "\n" for i in ids))
+            split_file = os.path.join(self.folder_dir, "ImageSets", "Main", f"{split}.txt")
+            write_text(split_file, "".join(i + "\n" for i in ids))
             st = SplitStats()
             for i in ids:
                 st.add(self._images[i])
