@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -17,35 +17,44 @@ from .plotting import plot_training_curves
 
 __all__ = ["RoutingStatsHook", "TrainingCurvesHook"]
 logger = logging.getLogger(__name__)
+_COUNTS_SUFFIX = "/tokens_per_expert"
 
 
 class RoutingStatsHook(HookBase):
-    """Accumulates ``model.routing_stats`` (layer -> (num_datasets, E) tokens per expert) over steps.
+    """Accumulates ``model.routing_stats`` over steps and writes it to the event storage.
 
+    ``routing_stats`` maps names to tensors: 2-D ones are counts (num_datasets, E) of tokens per expert
+    per dataset (e.g. ``decoder.0/tokens_per_expert``), anything else is a router scalar (e.g. a
+    sparsity); layer-level names are used as given, the ``/tokens_per_expert`` suffix is dropped.
     Every ``period`` iterations (and at the end) the counts of all ranks are summed and, on the main
-    process, written to the event storage as shares of that layer's routed tokens:
-    ``routing/<layer>/expert<j>`` (all datasets) and ``routing/<layer>/<dataset>/expert<j>`` (share of
-    the dataset's tokens; entries that are 0 are omitted to keep metrics.json small). At the end of
-    training the cumulative counts go to ``<output_dir>/routing_stats.json``. A model without
-    ``routing_stats`` (or with an empty one) makes this hook a no-op.
+    process, written as shares of that layer's routed tokens: ``routing/<layer>/expert<j>`` (all
+    datasets) and ``routing/<layer>/<dataset>/expert<j>`` (share of the dataset's tokens; zero entries are
+    omitted to keep metrics.json small); scalars are averaged over steps and ranks as
+    ``routing/<name>``. At the end the cumulative counts go to ``<output_dir>/routing_stats.json``.
+    A model without ``routing_stats`` (or with an empty one) makes this hook a no-op.
     """
 
     def __init__(self, period: int, dataset_names: Sequence[str] = (), output_dir: Optional[str] = None):
         self._period = int(period)
         self._names = list(dataset_names)
         self._output_dir = output_dir
-        self._window: Dict[str, np.ndarray] = {}
+        self._counts: Dict[str, np.ndarray] = {}
+        self._scalars: Dict[str, List[float]] = {}
         self._total: Dict[str, np.ndarray] = {}
 
     def after_step(self):
         stats = getattr(unwrap_model(self.trainer.model), "routing_stats", None) or {}
-        for layer, counts in stats.items():
-            counts = counts.detach().to("cpu", torch.float64).numpy() if torch.is_tensor(counts) else np.asarray(
-                counts, dtype=np.float64)
-            if layer in self._window and self._window[layer].shape != counts.shape:
-                raise ValueError(f"routing_stats[{layer!r}] changed shape from {self._window[layer].shape} "
-                                 f"to {counts.shape}; expected (num_datasets, num_experts) every step")
-            self._window[layer] = self._window.get(layer, 0) + counts
+        for name, value in stats.items():
+            value = value.detach().to("cpu", torch.float64).numpy() if torch.is_tensor(value) else np.asarray(
+                value, dtype=np.float64)
+            if value.ndim == 2:
+                layer = name[: -len(_COUNTS_SUFFIX)] if name.endswith(_COUNTS_SUFFIX) else name
+                if layer in self._counts and self._counts[layer].shape != value.shape:
+                    raise ValueError(f"routing_stats[{name!r}] changed shape from {self._counts[layer].shape} "
+                                     f"to {value.shape}; expected (num_datasets, num_experts) every step")
+                self._counts[layer] = self._counts.get(layer, 0) + value
+            else:
+                self._scalars.setdefault(name, []).extend(np.ravel(value).tolist())
         next_iter = self.trainer.iter + 1
         if self._period > 0 and next_iter % self._period == 0:
             self._flush()
@@ -65,33 +74,35 @@ class RoutingStatsHook(HookBase):
 
     def _flush(self):
         # Every rank calls this at the same iterations, so the gather below cannot deadlock; a rank
-        # whose model reported no stats contributes an empty dict.
-        window, self._window = self._window, {}
+        # whose model reported no stats contributes empty dicts.
+        window = (self._counts, self._scalars)
+        self._counts, self._scalars = {}, {}
         gathered = comm.all_gather(window) if comm.get_world_size() > 1 else [window]
-        summed: Dict[str, np.ndarray] = {}
-        for part in gathered:
-            for layer, counts in part.items():
-                summed[layer] = summed.get(layer, 0) + counts
-        if not summed:
+        counts: Dict[str, np.ndarray] = {}
+        scalars: Dict[str, List[float]] = {}
+        for part_counts, part_scalars in gathered:
+            for layer, c in part_counts.items():
+                counts[layer] = counts.get(layer, 0) + c
+            for name, values in part_scalars.items():
+                scalars.setdefault(name, []).extend(values)
+        for layer, c in counts.items():
+            self._total[layer] = self._total.get(layer, 0) + c
+        if not comm.is_main_process() or not (counts or scalars):
             return
-        for layer, counts in summed.items():
-            self._total[layer] = self._total.get(layer, 0) + counts
-        if not comm.is_main_process():
-            return
-        storage = self.trainer.storage
-        for layer, counts in summed.items():
-            names = self._row_names(counts.shape[0])
-            per_expert = counts.sum(axis=0)
+        out = {f"routing/{name}": float(np.mean(values)) for name, values in scalars.items() if values}
+        for layer, c in counts.items():
+            names = self._row_names(c.shape[0])
+            per_expert = c.sum(axis=0)
             total = per_expert.sum()
             if total <= 0:
                 continue
-            scalars = {f"routing/{layer}/expert{j}": float(c / total) for j, c in enumerate(per_expert)}
-            for d, row in enumerate(counts):
+            out.update({f"routing/{layer}/expert{j}": float(v / total) for j, v in enumerate(per_expert)})
+            for d, row in enumerate(c):
                 row_total = row.sum()
-                for j, c in enumerate(row):
-                    if c > 0:
-                        scalars[f"routing/{layer}/{names[d]}/expert{j}"] = float(c / row_total)
-            storage.put_scalars(smoothing_hint=False, **scalars)
+                out.update({f"routing/{layer}/{names[d]}/expert{j}": float(v / row_total)
+                            for j, v in enumerate(row) if v > 0})
+        if out:
+            self.trainer.storage.put_scalars(smoothing_hint=False, **out)
 
 
 class TrainingCurvesHook(HookBase):
