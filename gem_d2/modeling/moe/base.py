@@ -174,10 +174,11 @@ class Router(nn.Module):
 
 
 def router_logits_fp32(gate: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``gate(x)`` computed in float32 even under autocast (routing decisions are precision-sensitive)."""
+    """``gate(x)`` in float32 (float64 for a float64 model) even under autocast: routing is precision-sensitive."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        bias = None if gate.bias is None else gate.bias.float()
-        return nn.functional.linear(x.float(), gate.weight.float(), bias)
+        bias = None if gate.bias is None else gate.bias.to(dtype)
+        return nn.functional.linear(x.to(dtype), gate.weight.to(dtype), bias)
 
 
 def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

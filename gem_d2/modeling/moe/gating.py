@@ -37,7 +37,7 @@ def switch_balance_loss(probs: torch.Tensor, expert_index: torch.Tensor, valid: 
     """
     E = probs.shape[1]
     k = expert_index.shape[1]
-    chosen = F.one_hot(expert_index, E).sum(1).float()  # (T, E)
+    chosen = F.one_hot(expert_index, E).sum(1).to(probs.dtype)  # (T, E)
     f = masked_mean(chosen, valid) / k
     P = masked_mean(probs, valid)
     return E * (f * P).sum()

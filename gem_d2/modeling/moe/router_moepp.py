@@ -72,7 +72,7 @@ class MoEPlusPlusRouter(Router):
         prev = tokens.ctx.prev_router_logits
         if prev is not None and prev.shape == (*tokens.shape, R):
             with torch.autocast(device_type=x.device.type, enabled=False):
-                logits = logits + self.residual(prev.reshape(T, R).float())
+                logits = logits + self.residual(prev.reshape(T, R).to(logits.dtype))
         probs = logits.softmax(-1)
         top_p, top_i = probs.topk(self.k, dim=-1)
         weight = top_p / top_p.sum(-1, keepdim=True)
@@ -88,11 +88,11 @@ class MoEPlusPlusRouter(Router):
         start = self.num_experts + self.num_zero
         copy_w = per_route[:, start:start + self.num_copy].sum(1)  # (T,)
         const_w = per_route[:, start + self.num_copy:]  # (T, Ct)
-        xf = x.float()
+        xf = x.to(per_route.dtype)
         out = copy_w[:, None] * xf
         if self.num_constant:
             with torch.autocast(device_type=x.device.type, enabled=False):
-                a = torch.einsum("tc,jac->tja", xf, self.const_gate.float()).softmax(-1)  # (T, Ct, 2)
+                a = torch.einsum("tc,jac->tja", xf, self.const_gate.to(xf.dtype)).softmax(-1)  # (T, Ct, 2)
                 out = out + (const_w * a[..., 0]).sum(1, keepdim=True) * xf
-                out = out + (const_w * a[..., 1]) @ self.const_vectors.float()
+                out = out + (const_w * a[..., 1]) @ self.const_vectors.to(xf.dtype)
         return out.to(x.dtype)

@@ -51,13 +51,14 @@ class SoftMoERouter(Router):
             seg = segments.to(x.device)
             groups = [torch.nonzero(seg == s).squeeze(1) for s in torch.unique(seg).tolist()]
 
+        rdt = torch.promote_types(x.dtype, torch.float32)  # routing precision: >= float32
         with torch.autocast(device_type=x.device.type, enabled=False):
-            phi = self.scale.float() * F.normalize(self.phi.float(), dim=0)
+            phi = self.scale.to(rdt) * F.normalize(self.phi.to(rdt), dim=0)
         combines, slot_inputs = [], []
         for idx in groups:
             xg, vg = x[:, idx], valid[:, idx, None]  # (N, n, C), (N, n, 1)
             with torch.autocast(device_type=x.device.type, enabled=False):
-                logits = F.normalize(xg.float(), dim=-1) @ phi  # (N, n, S)
+                logits = F.normalize(xg.to(rdt), dim=-1) @ phi  # (N, n, S)
                 # finite fill: an all-padded group gives uniform (then zeroed) weights instead of NaN
                 dispatch = logits.masked_fill(~vg, torch.finfo(logits.dtype).min).softmax(dim=1) * vg
                 combines.append(logits.softmax(dim=2))
@@ -69,7 +70,7 @@ class SoftMoERouter(Router):
         y = experts.forward_all(slots).reshape(E, G * N, p, C).transpose(0, 1).reshape(G, N, S, C)
 
         out = x.new_zeros(N, L, C, dtype=y.dtype)
-        load = x.new_zeros(N, L, E, dtype=torch.float32)
+        load = x.new_zeros(N, L, E, dtype=rdt)
         for g, idx in enumerate(groups):
             vg = valid[:, idx, None]
             out[:, idx] = (combines[g].to(y.dtype) @ y[g]) * vg
