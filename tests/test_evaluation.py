@@ -159,6 +159,8 @@ def test_evaluator_edge_cases(registry, tmp_path):
     saved = json.loads((tmp_path / f"uodb_metrics_{name}.json").read_text())
     assert saved["AP50_voc07"] == pytest.approx(100 / 3)
     print_csv_format({"uodb": res})  # detectron2's printer accepts the flat layout
+    fast = _run(UODBEvaluator(name, compute_coco=False), {"a": ([[0, 0, 9, 9]], [0.9], [0])})["uodb"]
+    assert fast["AP50_voc07"] == pytest.approx(100 / 3) and math.isnan(fast["AP"])
 
 
 def test_evaluator_bad_input(registry):
