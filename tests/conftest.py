@@ -8,7 +8,6 @@
 import os
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -108,8 +107,3 @@ def data_cfg():
     """The :func:`make_cfg` helper."""
     return make_cfg
 
-
-def image_array(path) -> np.ndarray:
-    """An image file's pixels as a numpy array."""
-    with Image.open(path) as im:
-        return np.asarray(im)
