@@ -163,7 +163,8 @@ class DotaConverter(Converter):
                 for left in patch_starts(width):
                     ph, pw = min(PATCH, height - top), min(PATCH, width - left)
                     boxes, tiny = patch_boxes(objects, left, top, pw, ph)
-                    ctx.dropped["DOTA leftover under 2 px after cropping"] += tiny
+                    if tiny:
+                        ctx.dropped["DOTA leftover under 2 px after cropping"] += tiny
                     if boxes:
                         writer.add(split, f"{stem}__{left}_{top}", pw, ph, boxes,
                                    image=np.ascontiguousarray(pixels[top:top + ph, left:left + pw]))

@@ -104,7 +104,8 @@ class KittiConverter(Converter):
     def convert(self, src, ctx: Context):
         ids = self._ids(src)
         assign = self._assign(src, ids)
-        ctx.dropped["frame in neither split file"] += len(ids) - len(assign)
+        if len(assign) < len(ids):
+            ctx.dropped["frame in neither split file"] += len(ids) - len(assign)
         writer = ctx.writer(self.spec, "KITTI")
         for frame_id in ctx.progress(sorted(assign), desc=self.key):
             label, image = self._paths(src, frame_id)
