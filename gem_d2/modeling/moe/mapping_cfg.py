@@ -3,7 +3,7 @@
 Dataset level: UNITS are dataset names; each dataset of DATASETS.TRAIN must have exactly one unit.
 Class level (``PLANNER.LEVEL: class``): UNITS are "dataset/class" names (a class of that dataset's
 ``thing_classes``) and optionally plain dataset names. Class ids are the unified label space: the
-concatenation of each dataset's ``MetadataCatalog.get(name).thing_classes`` in DATASETS.TRAIN order.
+concatenation of each dataset's ``thing_classes`` in DATASETS.TRAIN order (``UnifiedLabelSpace``).
 Classes without a unit use their dataset's row. A dataset's row (used by encoder tokens and by
 queries without a label) is its plain-name unit if present, else the most frequent row (same experts
 and weights) among its classes' units, ties going to the class that comes first.
@@ -17,17 +17,11 @@ from .router_gem import _check_mapping
 
 
 def thing_classes_of(dataset_names: Sequence[str]) -> List[List[str]]:
-    """Each dataset's ``thing_classes`` from detectron2's MetadataCatalog (clear error when missing)."""
-    from detectron2.data import MetadataCatalog
+    """Each dataset's classes in the unified label space's order (gem_d2.data.label_space)."""
+    from ...data.label_space import UnifiedLabelSpace
 
-    out = []
-    for name in dataset_names:
-        classes = getattr(MetadataCatalog.get(name), "thing_classes", None)
-        if classes is None:
-            raise KeyError(f"dataset {name!r} has no thing_classes in MetadataCatalog: class-level GEM units need "
-                           f"each DATASETS.TRAIN dataset registered with its class list")
-        out.append(list(classes))
-    return out
+    space = UnifiedLabelSpace(list(dataset_names))
+    return [list(space.classes(i)) for i in range(len(space))]
 
 
 def gem_router_kwargs(cfg, dataset_names: Sequence[str]) -> dict:

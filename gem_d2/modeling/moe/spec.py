@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 from ..ffn import MoESpec
 from .base import ROUTER_REGISTRY, check_positive_int
@@ -10,12 +10,13 @@ from .base import ROUTER_REGISTRY, check_positive_int
 _LAYER = re.compile(r"^(encoder|decoder)\.(\d+)$")
 
 
-def moe_spec_from_cfg(cfg, dataset_names: Sequence[str]) -> Optional[MoESpec]:
+def moe_spec_from_cfg(cfg, dataset_names: Union[Sequence[str], int]) -> Optional[MoESpec]:
     """Read ``MODEL.GEM.*``; None when ``MOE_LAYERS`` is empty.
 
     dataset_names: DATASETS.TRAIN in order (dataset index = position; it sizes the statistics and
-    defines the unified label space for class-level plans). Router arguments come from the router
-    class's ``kwargs_from_cfg``. Errors name the offending key and value.
+    defines the unified label space for class-level plans); an int n stands for the n datasets of
+    ``cfg.DATASETS.TRAIN`` and must equal its length. Router arguments come from the router class's
+    ``kwargs_from_cfg``. Errors name the offending key and value.
     """
     g = cfg.MODEL.GEM
     layers = list(g.MOE_LAYERS)
@@ -36,6 +37,11 @@ def moe_spec_from_cfg(cfg, dataset_names: Sequence[str]) -> Optional[MoESpec]:
     if g.ROUTER not in ROUTER_REGISTRY:
         raise KeyError(f"MODEL.GEM.ROUTER={g.ROUTER!r} is not a registered router; registered: "
                        f"{sorted(name for name, _ in ROUTER_REGISTRY)}")
+    if isinstance(dataset_names, int):
+        if dataset_names != len(cfg.DATASETS.TRAIN):
+            raise ValueError(f"moe_spec_from_cfg: {dataset_names} datasets given but DATASETS.TRAIN has "
+                             f"{len(cfg.DATASETS.TRAIN)}: {list(cfg.DATASETS.TRAIN)}")
+        dataset_names = cfg.DATASETS.TRAIN
     dataset_names: List[str] = list(dataset_names)
     if not dataset_names:
         raise ValueError("moe_spec_from_cfg: dataset_names (DATASETS.TRAIN) is empty")
