@@ -304,7 +304,7 @@ def test_moepp_matches_reference_with_gating_residual_and_balance_loss():
     out1 = moe(x, ctx)
     want1, logits1, probs1 = moepp_reference(moe, x)
     torch.testing.assert_close(out1.reshape(-1, C), want1)
-    assert ctx.prev_router_logits.shape == (3, 7, R)
+    assert ctx.prev_router_logits["decoder"].shape == (3, 7, R)
     top = probs1.topk(2, dim=-1).indices
     f = torch.stack([(top == e).sum(1).double() for e in range(R)], 1).mean(0) / 2
     want_balance = 0.01 * R * float((f * probs1.mean(0)).sum())
@@ -312,7 +312,7 @@ def test_moepp_matches_reference_with_gating_residual_and_balance_loss():
     kinds = ctx.stats["decoder.0/tokens_per_expert"].sum(0)
     assert kinds.shape == (R,) and float(kinds.sum()) == 21 * 2
 
-    prev = ctx.prev_router_logits.detach().clone()
+    prev = ctx.prev_router_logits["decoder"].detach().clone()
     out2 = moe(x, ctx)  # second MoE++ layer call of the same stack: uses the residual
     want2, _, _ = moepp_reference(moe, x, prev)
     torch.testing.assert_close(out2.reshape(-1, C), want2)
@@ -360,3 +360,18 @@ def test_bad_plan_and_context_shapes_raise():
         moe(x, RoutingContext(dataset_ids=torch.tensor([0, 1])))
     with pytest.raises(ValueError, match="key_padding_mask must be"):
         moe(x, RoutingContext(dataset_ids=torch.tensor([0]), key_padding_mask=torch.zeros(1, 3, dtype=torch.bool)))
+
+
+def test_moepp_gating_residual_stays_within_its_stack():
+    enc = make_moe("moepp", 4, layer="encoder.0", seed=1)
+    dec = make_moe("moepp", 4, layer="decoder.0", seed=2)
+    with torch.no_grad():
+        dec.router.residual.weight.normal_()
+    x = torch.randn(2, 5, C, dtype=torch.float64)
+    ctx = RoutingContext(dataset_ids=torch.tensor([0, 1]))
+    enc(x, ctx)  # same (N, L) as the decoder call below
+    assert set(ctx.prev_router_logits) == {"encoder"}
+    out = dec(x, ctx)
+    want, _, _ = moepp_reference(dec, x)  # no residual from the encoder's logits
+    torch.testing.assert_close(out.reshape(-1, C), want)
+    assert set(ctx.prev_router_logits) == {"encoder", "decoder"}

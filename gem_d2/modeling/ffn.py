@@ -26,8 +26,8 @@ class RoutingContext:
         the previous layer's logits). Class-level GEM routing uses it.
     aux_losses: filled by routers, name -> scalar tensor (e.g. "loss_balance_decoder.0").
     stats: filled by routers, name -> tensor (e.g. tokens per expert per dataset).
-    prev_router_logits: (N, L, R) or None, set by an MoE layer whose router exports its logits
-        (MoE++ gating residuals) for the next MoE layer of the same stack; use one context per stack.
+    prev_router_logits: stack ("encoder"/"decoder") -> (N, L, R) logits of that stack's latest MoE layer
+        whose router exports them (MoE++ gating residuals: the next MoE layer of the stack adds them).
     """
 
     dataset_ids: torch.Tensor
@@ -36,7 +36,7 @@ class RoutingContext:
     query_labels: Optional[torch.Tensor] = None
     aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     stats: Dict[str, torch.Tensor] = field(default_factory=dict)
-    prev_router_logits: Optional[torch.Tensor] = None
+    prev_router_logits: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _activation(name: str) -> nn.Module:

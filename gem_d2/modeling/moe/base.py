@@ -64,7 +64,8 @@ class TokenBatch:
 
     x: (T, C) features; dataset: (T,) long dataset index of each token's image; labels: (T,) long
     unified class id per token (decoder queries, ``ctx.query_labels``) or None; valid: (T,) bool,
-    False = padded; shape: (N, L); ctx: the layer's RoutingContext (segments, prev_router_logits...).
+    False = padded; shape: (N, L); ctx: the layer's RoutingContext (segments...); prev_logits: (T, R)
+    router logits of the previous MoE layer of the same stack that exported them, or None.
     """
 
     x: torch.Tensor
@@ -73,6 +74,7 @@ class TokenBatch:
     valid: torch.Tensor
     shape: Tuple[int, int]
     ctx: RoutingContext
+    prev_logits: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -83,7 +85,7 @@ class RoutingPlan:
     or None, True = this assignment is not computed (capacity overflow, inactive gate).
     aux_losses: short name -> scalar (e.g. "balance"), stored as ``loss_<name>_<layer>``.
     extra_output: (T, C) or None, contribution of non-FFN routes (index >= num_experts).
-    router_logits: (T, R) or None, exported to ``ctx.prev_router_logits`` (gating residuals).
+    router_logits: (T, R) or None, exported to ``ctx.prev_router_logits[stack]`` (gating residuals).
     stats: short name -> 0-dim tensor, stored detached as ``<layer>/<name>``.
     """
 

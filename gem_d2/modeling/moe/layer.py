@@ -17,7 +17,8 @@ class MoEFFN(nn.Module):
     Records into ``ctx``: auxiliary losses as ``aux_losses[f"loss_{name}_{layer_name}"]``; statistics
     ``stats[f"{layer_name}/tokens_per_expert"]`` (num_datasets, R) float (valid tokens per route per
     dataset; fractional for SoftMoE) and router-specific scalars ``stats[f"{layer_name}/<name>"]``;
-    ``prev_router_logits`` (N, L, R) when the router exports logits (MoE++ gating residuals).
+    ``prev_router_logits[stack]`` (N, L, R) when the router exports logits (MoE++ gating residuals;
+    stack = "encoder"/"decoder", the part of ``layer_name`` before the dot).
     Padded tokens (``ctx.key_padding_mask`` True) are not computed (output 0) and not counted.
 
     DDP: without ``find_unused_parameters`` DDP waits forever for gradients of parameters that took
@@ -31,6 +32,7 @@ class MoEFFN(nn.Module):
                  spec: MoESpec):
         super().__init__()
         self.layer_name = layer_name
+        self.stack = layer_name.split(".")[0]
         if spec.router not in ROUTER_REGISTRY:
             raise KeyError(f"MODEL.GEM.ROUTER={spec.router!r} is not a registered router; registered: "
                            f"{sorted(name for name, _ in ROUTER_REGISTRY)}")
@@ -57,7 +59,7 @@ class MoEFFN(nn.Module):
             ctx.stats[f"{self.layer_name}/{name}"] = value.detach()
         ctx.stats[f"{self.layer_name}/tokens_per_expert"] = self._per_dataset(result.token_load, tokens)
         if result.router_logits is not None:
-            ctx.prev_router_logits = result.router_logits.reshape(x.shape[0], x.shape[1], -1)
+            ctx.prev_router_logits[self.stack] = result.router_logits.reshape(x.shape[0], x.shape[1], -1)
         return out
 
     def _flatten(self, x: torch.Tensor, ctx: RoutingContext) -> TokenBatch:
@@ -83,7 +85,9 @@ class MoEFFN(nn.Module):
         if ctx.segments is not None and ctx.segments.shape != (L,):
             raise ValueError(f"{self.layer_name}: ctx.segments must be (L={L},), got {tuple(ctx.segments.shape)}")
         dataset = ds.long().to(x.device).repeat_interleave(L)
-        return TokenBatch(x.reshape(N * L, C), dataset, labels, valid.reshape(-1), (N, L), ctx)
+        prev = ctx.prev_router_logits.get(self.stack)
+        prev = prev.reshape(N * L, -1) if prev is not None and prev.shape[:2] == (N, L) else None
+        return TokenBatch(x.reshape(N * L, C), dataset, labels, valid.reshape(-1), (N, L), ctx, prev)
 
     def _per_dataset(self, token_load: torch.Tensor, tokens: TokenBatch) -> torch.Tensor:
         """(num_datasets, R): sum of ``token_load`` over the valid tokens of each dataset."""

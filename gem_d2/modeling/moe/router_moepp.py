@@ -25,8 +25,8 @@ class MoEPlusPlusRouter(Router):
     (output 0), Cp copy experts (output x), Ct constant experts (output ``a1 x + a2 v_j``, v_j learned,
     [a1, a2] = softmax(W_j x)).
 
-    logits = W_g x (fp32) + W_res * prev_logits when ``ctx.prev_router_logits`` (N, L, R) comes from the
-    previous MoE++ layer of the stack (gating residual; W_res starts at 0); p = softmax(logits); each
+    logits = W_g x (fp32) + W_res * prev_logits when ``tokens.prev_logits`` (T, R) comes from the previous
+    MoE++ layer of the stack (gating residual; W_res starts at 0); p = softmax(logits); each
     token takes its top-k routes with weights renormalised over the k (a zero expert's share is
     discarded, as the paper's zero expert outputs 0). The public code (inference only) instead zeroes
     the zero expert's weight before renormalising. Aux loss "balance" = ``balance_coef * R * sum_r f_r P_r``
@@ -69,10 +69,10 @@ class MoEPlusPlusRouter(Router):
         x, valid = tokens.x, tokens.valid
         T, R = x.shape[0], self.num_routes
         logits = router_logits_fp32(self.gate, x)
-        prev = tokens.ctx.prev_router_logits
-        if prev is not None and prev.shape == (*tokens.shape, R):
+        prev = tokens.prev_logits
+        if prev is not None and prev.shape == (T, R):
             with torch.autocast(device_type=x.device.type, enabled=False):
-                logits = logits + self.residual(prev.reshape(T, R).to(logits.dtype))
+                logits = logits + self.residual(prev.to(logits.dtype))
         probs = logits.softmax(-1)
         top_p, top_i = probs.topk(self.k, dim=-1)
         weight = top_p / top_p.sum(-1, keepdim=True)
