@@ -7,6 +7,9 @@ Importing it registers, lazily (nothing is read until ``DatasetCatalog.get``):
 - the generated datasets ``synth_<domain>_train|test`` under ``<that root>/gem_synth``, see
   :mod:`gem_d2.data.synthetic`; ``ensure_synthetic(cfg)`` generates and re-registers them per config.
 
+``register_datasets_from_cfg(cfg)`` moves both families to the roots a config names (``DATASETS.UODB_ROOT``,
+``DATASETS.SYNTH.ROOT``) without reading anything.
+
 Your own datasets: :func:`register_voc_dataset` (UODB/VOC layout) or :func:`register_coco_dataset` (COCO JSON).
 """
 from .build import build_gem_test_loader, build_gem_train_loader, dataset_sampling_weights, load_gem_datasets
@@ -14,6 +17,7 @@ from .catalog import UnknownDatasetError, dataset_domain, datasets_root
 from .coco import register_coco_dataset
 from .label_space import UnifiedLabelSpace, dataset_classes, recorded_block
 from .mapper import GemDatasetMapper, ImageReadError, read_image_checked
+from .registration import register_datasets_from_cfg
 from .sampler import MultiDatasetTrainingSampler, sampling_probabilities
 from .summary import summarize_datasets
 from .synthetic import (
@@ -30,14 +34,13 @@ from .uodb import UODB_DATASETS, register_uodb, uodb_dataset_names
 from .voc import DatasetFormatError, VocLoadStats, load_voc_instances, register_voc_dataset, register_voc_sources
 
 __all__ = [
-    "DOMAINS", "DOMAIN_CLASSES", "DOMAIN_IMAGE_EXT", "RARE_DOMAIN", "UODB_DATASETS",
-    "DatasetFormatError", "GemDatasetMapper", "ImageReadError", "MultiDatasetTrainingSampler", "UnifiedLabelSpace",
-    "UnknownDatasetError", "VocLoadStats", "build_gem_test_loader", "build_gem_train_loader", "dataset_classes",
-    "dataset_domain",
+    "DOMAINS", "DOMAIN_CLASSES", "DOMAIN_IMAGE_EXT", "RARE_DOMAIN", "UODB_DATASETS", "DatasetFormatError",
+    "GemDatasetMapper", "ImageReadError", "MultiDatasetTrainingSampler", "UnifiedLabelSpace", "UnknownDatasetError",
+    "VocLoadStats", "build_gem_test_loader", "build_gem_train_loader", "dataset_classes", "dataset_domain",
     "dataset_sampling_weights", "datasets_root", "ensure_synthetic", "generate_synthetic", "load_gem_datasets",
-    "load_voc_instances", "read_image_checked", "recorded_block", "register_coco_dataset", "register_synthetic",
-    "register_uodb", "register_voc_dataset", "register_voc_sources", "sampling_probabilities", "summarize_datasets",
-    "synthetic_root", "uodb_dataset_names",
+    "load_voc_instances", "read_image_checked", "recorded_block", "register_coco_dataset",
+    "register_datasets_from_cfg", "register_synthetic", "register_uodb", "register_voc_dataset",
+    "register_voc_sources", "sampling_probabilities", "summarize_datasets", "synthetic_root", "uodb_dataset_names",
 ]
 
 register_uodb(datasets_root())

@@ -9,7 +9,8 @@
 
 Five visually distinct domains (see :mod:`gem_d2.data.synthetic_styles`), each with its own class set;
 class names partly overlap across domains. ``medical`` is the rare domain: it gets a quarter of the
-training images of the others (under 10% of all training images), the same number of test images.
+training images of the others (at most 10% of all training images for ``images_per_domain >= 3``; about 6%
+by default) and the same number of test images.
 
 Output is byte-identical for the same parameters. Re-running with the same parameters skips; different
 parameters rewrite the whole root atomically (written to a temporary sibling folder, then renamed).

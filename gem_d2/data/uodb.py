@@ -101,9 +101,19 @@ def uodb_dataset_names(split: Optional[str] = None) -> list:
     return names
 
 
+_registered_root: Optional[str] = None
+
+
+def registered_uodb_root() -> Optional[str]:
+    """The root the ``uodb_*`` datasets are currently registered under."""
+    return _registered_root
+
+
 def register_uodb(root: Optional[str] = None) -> None:
     """(Re-)register every UODB dataset under ``root`` (default: ``$DETECTRON2_DATASETS`` or ``datasets``)."""
+    global _registered_root
     root = os.path.expanduser(os.fspath(root)) if root else datasets_root()
+    _registered_root = root
     for spec in UODB_DATASETS.values():
         domain = f"uodb_{spec.key}"
         for split, sources in spec.splits.items():
