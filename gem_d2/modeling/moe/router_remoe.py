@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import List
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .base import Router, RoutingPlan, TokenBatch, check_positive_int, register_router, router_logits_fp32
@@ -14,10 +15,11 @@ class ReMoERouter(Router):
     """g = ReLU(W_g x) (fp32); a token uses every expert with g_e > 0, weighted by g_e.
 
     Aux loss "remoe_l1" = ``lambda * E * sum_e (sum_t g_te / T) * (n_e / (T * k))`` over the T valid
-    tokens (n_e = tokens with g_te > 0, k = target_k). ``lambda`` is a persistent buffer (checkpointed;
-    DDP's buffer broadcast keeps ranks in sync): after each training-mode forward it is multiplied by
-    ``l1_multiplier`` while the measured sparsity (share of zero gates) is below the target
-    ``1 - k/E``, divided otherwise. Stats: "remoe_sparsity", "remoe_l1_coef".
+    tokens (n_e = tokens with g_te > 0, k = target_k). ``lambda`` is a persistent (checkpointed) buffer:
+    after each training-mode forward it is multiplied by ``l1_multiplier`` while the measured sparsity
+    (share of zero gates among valid tokens) is below the target ``1 - k/E``, divided otherwise. Under
+    torch.distributed the sparsity is all-reduced in training mode (one small collective per layer),
+    so every rank applies the same update. Stats: "remoe_sparsity", "remoe_l1_coef".
     """
 
     def __init__(self, d_model: int, num_experts: int, l1_init: float = 1e-8, l1_multiplier: float = 1.2,
@@ -53,8 +55,11 @@ class ReMoERouter(Router):
         load = on.sum(0).to(gates.dtype) / (n_valid * self.target_k)
         coef = self.l1_coef.detach().clone()
         loss = coef.to(gates.dtype) * E * (mean_gate * load).sum()
-        sparsity = 1.0 - on.sum().to(torch.float64) / (n_valid.double() * E)
-        if self.training and bool(valid.any()):
+        counts = torch.stack([on.sum(), valid.sum() * E]).to(torch.float64)  # active gates, all gates
+        if self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)  # every rank measures the global sparsity, so lambda stays identical
+        sparsity = 1.0 - counts[0] / counts[1].clamp(min=1)
+        if self.training and float(counts[1]) > 0:
             with torch.no_grad():
                 factor = self.l1_multiplier if float(sparsity) < self.target_sparsity else 1.0 / self.l1_multiplier
                 self.l1_coef.mul_(factor)
