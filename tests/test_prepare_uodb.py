@@ -517,3 +517,16 @@ def test_conversion_is_deterministic(tmp_path):
         prep.prepare(["kitti", "dota", "deeplesion", "lisa"], str(src), str(out), progress=False, link_mode="copy")
         trees.append({str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
     assert trees[0] == trees[1] and len(trees[0]) > 20
+
+
+def test_cli_keep_going_converts_what_it_can(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_kitti(src)
+    args = ["--source", str(src), "--output", str(out), "--no-progress", "kitti", "widerface", "lisa"]
+    assert _cli().main(args) == 2  # stops at widerface
+    assert not (out / "LISA").exists()
+    captured = capsys.readouterr()
+    assert "error: widerface:" in captured.err and "wider_face_train_bbx_gt.txt" in captured.err
+    assert _cli().main(args + ["--keep-going"]) == 2
+    captured = capsys.readouterr()
+    assert "failed: widerface, lisa" in captured.err and "up to date (skipped)" in captured.out

@@ -19,6 +19,7 @@ from gem_d2.data.prepare import (
     format_problems,
     format_reports,
     prepare,
+    resolve_names,
 )
 from gem_d2.data.prepare.kitchen import DEFAULT_TEST_SCENES
 from gem_d2.data.uodb import UODB_DATASETS
@@ -39,6 +40,8 @@ def parse_args(argv=None):
                    help="take dataset NAME from PATH instead of <source>/<its default folder> (repeatable)")
     p.add_argument("--kitchen-test-scenes", default=",".join(map(str, DEFAULT_TEST_SCENES)),
                    help="GMU Kitchen scene numbers of the test split (default: %(default)s)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="after a dataset fails (e.g. its download is missing), go on with the others")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--list-sources", action="store_true", help="print the expected source files and exit")
     args = p.parse_args(argv)
@@ -73,13 +76,25 @@ def main(argv=None) -> int:
             raise SystemExit(f"--dataset-source expects NAME=PATH with NAME in {list(UODB_DATASETS)}, got {item!r}")
         source_dirs[name] = path
     try:
-        reports = prepare(args.datasets, args.source, args.output, link_mode=args.link, force=args.force,
-                          progress=not args.no_progress, source_dirs=source_dirs, kitchen_test_scenes=scenes)
-    except (SourceFormatError, MissingSourceError, FileExistsError, ValueError) as e:
+        names = resolve_names(args.datasets)
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_reports(reports))
-    return 0
+    reports, failed = [], []
+    for name in names:
+        try:
+            reports += prepare([name], args.source, args.output, link_mode=args.link, force=args.force,
+                               progress=not args.no_progress, source_dirs=source_dirs, kitchen_test_scenes=scenes)
+        except (SourceFormatError, MissingSourceError, FileExistsError, ValueError) as e:
+            print(f"error: {name}: {e}", file=sys.stderr)
+            failed.append(name)
+            if not args.keep_going:
+                break
+    if reports:
+        print(format_reports(reports))
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

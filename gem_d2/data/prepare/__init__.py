@@ -28,7 +28,7 @@ from .widerface import WiderFaceConverter
 
 __all__ = ["Box", "CheckResult", "Context", "Converter", "DatasetReport", "LINK_MODES", "MissingSourceError",
            "SourceFormatError", "SplitStats", "check", "converters", "format_problems", "format_reports",
-           "prepare", "prepare_dataset"]
+           "prepare", "prepare_dataset", "resolve_names"]
 
 
 def converters(kitchen_test_scenes: Sequence[int] = DEFAULT_TEST_SCENES) -> Dict[str, Converter]:

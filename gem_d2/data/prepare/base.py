@@ -62,7 +62,7 @@ class Converter:
     def require(self, path: str, what: str) -> str:
         """``path`` if it exists, else a :class:`MissingSourceError` naming it and the expected source layout."""
         if not os.path.exists(path):
-            raise MissingSourceError(f"{self.key}: {what} not found: {path}\nexpected source files: {self.expected}")
+            raise MissingSourceError(f"{what} not found: {path}\nexpected source files: {self.expected}")
         return path
 
 

@@ -91,11 +91,15 @@ class CocoConverter(Converter):
         return self.require(os.path.join(src, "val2014"), "image folder")
 
     def _load(self, src):
-        out = {}
-        for split, path in self._json_files(src).items():
-            data = load_json(path)
-            out[split] = (path, data, validate_coco(path, data, self.spec.classes))
-        return out
+        files = self._json_files(src)
+        key = tuple((p, os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in files.values())
+        if getattr(self, "_cached", (None,))[0] != key:  # inputs() and convert() both need the parsed files
+            out = {}
+            for split, path in files.items():
+                data = load_json(path)
+                out[split] = (path, data, validate_coco(path, data, self.spec.classes))
+            self._cached = (key, out)
+        return self._cached[1]
 
     def _file_names(self, loaded) -> List[str]:
         return sorted({im["file_name"] for _, _, images in loaded.values() for im in images.values()})

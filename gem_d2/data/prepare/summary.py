@@ -5,6 +5,7 @@ from ..uodb import UODB_DATASETS
 from .records import DatasetReport
 
 MAX_PROBLEMS_SHOWN = 20
+MAX_CLASSES_SHOWN = 6
 
 
 def format_reports(reports: Sequence[DatasetReport], status: Sequence[str] = ()) -> str:
@@ -28,7 +29,9 @@ def format_reports(reports: Sequence[DatasetReport], status: Sequence[str] = ())
         for split, st in r.splits.items():
             absent = [c for c in UODB_DATASETS[r.key].classes if st.classes.get(c, 0) == 0]
             if absent and st.images:
-                lines.append(f"{r.key} {split}: no box of class(es) {', '.join(absent)}")
+                shown = ", ".join(absent[:MAX_CLASSES_SHOWN])
+                more = f" and {len(absent) - MAX_CLASSES_SHOWN} more" if len(absent) > MAX_CLASSES_SHOWN else ""
+                lines.append(f"{r.key} {split}: no box of {len(absent)} class(es): {shown}{more}")
     return "\n".join(lines)
 
 
