@@ -46,6 +46,7 @@ class MoEFFN(nn.Module):
         self.experts.load_from_ffn(ffn)
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        """x (N, L, C) -> (N, L, C); fills ``ctx.aux_losses`` / ``ctx.stats`` (see the class docstring)."""
         tokens = self._flatten(x, ctx)
         result = self.router.forward_moe(tokens, self.experts)
         out = result.output.reshape(x.shape[0], x.shape[1], -1)
