@@ -185,7 +185,8 @@ def converted(tmp_path_factory):
         make(src)
     reports = prep.prepare(["all"], str(src), str(out), progress=False)
     register_uodb(str(out))
-    return src, out, {r.key: r for r in reports}
+    yield src, out, {r.key: r for r in reports}
+    register_uodb()  # back to the default root for the test modules that follow
 
 
 def _load(name):

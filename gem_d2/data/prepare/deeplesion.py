@@ -37,7 +37,7 @@ def window_to_uint8(raw: np.ndarray, window=WINDOW) -> np.ndarray:
 def parse_dl_info(path) -> "OrderedDict[str, Tuple[int, str, List[Box]]]":
     """Read ``DL_info.csv``: key-slice file name -> ``(first line, split, lesion boxes)``."""
     slices: OrderedDict[str, Tuple[int, str, List[Box]]] = OrderedDict()
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # tolerate a BOM
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:

@@ -62,7 +62,7 @@ def parse_lisa_csv(path) -> "OrderedDict[str, List[Tuple[int, str, Box]]]":
     ``box.name`` is the UODB class, or ``""`` for a sign outside the four classes.
     """
     frames: OrderedDict[str, List[Tuple[int, str, Box]]] = OrderedDict()
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # tolerate a BOM
         reader = csv.reader(f, delimiter=";")
         header = next(reader, None)
         if header is None:
