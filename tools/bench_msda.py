@@ -1,0 +1,179 @@
+"""msda: forward and forward+backward time of the pure-PyTorch multi-scale deformable attention.
+
+Measures ``ms_deform_attn_core`` and the whole ``MSDeformAttn`` module (projections included) for
+encoder self-attention (queries = all tokens) and decoder cross-attention (900 matching + 200 DN
+queries) at DINO-4scale sizes (batch 2, 800x1066 image -> levels 100x134, 50x67, 25x34, 13x17,
+8 heads x 32 channels, 4 points) and at a small CPU size (256x256 image). Reports the median of
+``--repeats`` timed runs after ``--warmup`` runs, in milliseconds.
+
+    python tools/benchmark.py msda [--sizes small dino4scale] [--device cpu] [--repeats 5]
+    python tools/bench_msda.py ...            # same, standalone
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+SIZES = {
+    # name: (batch, image H, W, decoder queries)
+    "small": (2, 256, 256, 100 + 100),
+    "dino4scale": (2, 800, 1066, 900 + 200),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "dino4scale"])
+    parser.add_argument("--targets", nargs="+", choices=["core", "module"], default=["core", "module"],
+                        help="ms_deform_attn_core alone and/or the MSDeformAttn module")
+    parser.add_argument("--attn", nargs="+", choices=["encoder", "decoder"], default=["encoder", "decoder"])
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave as is)")
+    parser.add_argument("--levels", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--points", type=int, default=4)
+    parser.add_argument("--output", default="output/benchmarks/msda.json")
+
+
+def level_shapes(height: int, width: int, levels: int) -> list:
+    """Feature sizes of DINO's levels: strides 8, 16, 32 from the backbone, then stride-2 convs."""
+    shapes = [(math.ceil(height / 8), math.ceil(width / 8))]
+    while len(shapes) < levels:
+        h, w = shapes[-1]
+        shapes.append((math.ceil(h / 2), math.ceil(w / 2)))
+    return shapes
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device, repeats: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeats": repeats}
+
+
+def _case(args, size: str, attn: str, target: str) -> dict:
+    import torch
+
+    from gem_d2.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn_core
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    batch, height, width, dec_queries = SIZES[size]
+    shapes = level_shapes(height, width, args.levels)
+    s = sum(h * w for h, w in shapes)
+    lq = s if attn == "encoder" else dec_queries
+    m, d, p, num_levels = args.heads, args.head_dim, args.points, args.levels
+    spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, device=device, dtype=dtype)
+
+    if target == "core":
+        value = rand(batch, s, m, d).requires_grad_(True)
+        loc = rand(batch, lq, m, num_levels, p, 2).requires_grad_(True)
+        weights = rand(batch, lq, m, num_levels, p).softmax(-1).detach().requires_grad_(True)
+        leaves = [value, loc, weights]
+
+        def forward():
+            return ms_deform_attn_core(value, spatial_shapes, loc, weights)
+    else:
+        module = MSDeformAttn(m * d, num_levels, m, p).to(device=device, dtype=dtype)
+        query = rand(batch, lq, m * d).requires_grad_(True)
+        value = rand(batch, s, m * d).requires_grad_(True)
+        ref = rand(batch, lq, num_levels, 2 if attn == "encoder" else 4)
+        areas = spatial_shapes[:, 0] * spatial_shapes[:, 1]
+        start_index = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+        mask = torch.zeros(batch, s, dtype=torch.bool, device=device)
+        leaves = [query, value] + list(module.parameters())
+
+        def forward():
+            return module(query, ref, value, spatial_shapes, start_index, mask)
+
+    grad_out = None
+
+    def forward_backward():
+        nonlocal grad_out
+        for leaf in leaves:
+            leaf.grad = None
+        out = forward()
+        if grad_out is None:
+            grad_out = torch.ones_like(out)
+        out.backward(grad_out)
+
+    with torch.no_grad():
+        fwd = _time(forward, device, args.repeats, args.warmup)
+    fwd_bwd = _time(forward_backward, device, args.repeats, args.warmup)
+    return {"size": size, "attn": attn, "target": target, "batch": batch, "image": [height, width],
+            "levels": shapes, "tokens": s, "queries": lq, "heads": m, "head_dim": d, "points": p,
+            "forward_ms": fwd["median_ms"], "forward_backward_ms": fwd_bwd["median_ms"],
+            "forward": fwd, "forward_backward": fwd_bwd}
+
+
+def run(args) -> dict:
+    import platform
+
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    results = []
+    header = f"{'size':<11} {'attn':<8} {'target':<7} {'tokens':>7} {'queries':>7} {'fwd ms':>10} {'fwd+bwd ms':>11}"
+    print(header)
+    print("-" * len(header))
+    for size in args.sizes:
+        for attn in args.attn:
+            for target in args.targets:
+                r = _case(args, size, attn, target)
+                results.append(r)
+                print(f"{size:<11} {attn:<8} {target:<7} {r['tokens']:>7} {r['queries']:>7} "
+                      f"{r['forward_ms']:>10.1f} {r['forward_backward_ms']:>11.1f}", flush=True)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    report = {
+        "benchmark": "msda",
+        "implementation": "pytorch (grid_sample)",
+        "device": str(device), "device_name": device_name, "dtype": args.dtype,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
+        "results": results,
+    }
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {out}")
+    return report
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()
