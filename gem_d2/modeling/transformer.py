@@ -258,11 +258,12 @@ class DeformableDecoderLayer(nn.Module):
 class DeformableDecoder(nn.Module):
     """Decoder layers with per-layer class/box heads and look-forward-twice box refinement.
 
-    Layer ``i`` predicts a box delta ``d_i`` (in logit space) from its normalised output. Its output
-    box is ``sigmoid(d_i + logit(b'_{i-1}))`` where ``b'_{i-1}`` is layer ``i-1``'s *un-detached*
-    output box (look forward twice: layer ``i``'s loss also trains layer ``i-1``'s box head); the
-    reference given to layer ``i+1`` is the same box, detached. With ``look_forward_twice=False`` the
-    previous box is detached (Deformable-DETR's iterative refinement).
+    Layer ``i`` predicts a box delta ``d_i`` (in logit space) from its normalised output and refines
+    its detached reference ``b_{i-1}``: ``b'_i = sigmoid(d_i + logit(b_{i-1}))``; layer ``i+1``'s
+    reference is ``b_i = detach(b'_i)``. Layer ``i``'s output box is ``sigmoid(d_i + logit(b'_{i-1}))``
+    with ``b'_{i-1}`` *un-detached* (look forward twice: layer ``i``'s loss also trains layer ``i-1``'s
+    box head, and no earlier one). Output box and ``b'_i`` have the same value. With
+    ``look_forward_twice=False`` the output box is ``b'_i`` (Deformable-DETR's iterative refinement).
 
     Args:
         layers: the decoder layers.
@@ -308,7 +309,7 @@ class DeformableDecoder(nn.Module):
         """
         ratios4 = torch.cat([ratios, ratios], -1)[:, None]  # (N, 1, L, 4)
         reference = reference.detach()
-        prev_box = None
+        prev_refined = None
         labels = initial_labels
         ctx.key_padding_mask = None
         ctx.segments = segments
@@ -322,12 +323,17 @@ class DeformableDecoder(nn.Module):
                         self_attn_mask, ctx)
             hs = self.norm(tgt)
             logits = self.class_heads[i](hs)
-            base = prev_box if (self.look_forward_twice and prev_box is not None) else reference
-            box = (self.box_heads[i](hs) + inverse_sigmoid(base)).sigmoid()
+            delta = self.box_heads[i](hs)
+            # refined: this layer's box on the detached reference (gradient only into this head);
+            # the prediction rebases the same delta on the previous layer's un-detached refined box.
+            # Both have the same value; only the gradient paths differ.
+            refined = (delta + inverse_sigmoid(reference)).sigmoid()
+            base = prev_refined if (self.look_forward_twice and prev_refined is not None) else reference
+            box = (delta + inverse_sigmoid(base)).sigmoid()
             all_logits.append(logits)
             all_boxes.append(box)
-            prev_box = box
-            reference = box.detach()
+            prev_refined = refined
+            reference = refined.detach()
             labels = masked_class_argmax(logits, class_masks)
             if fixed_labels is not None:
                 labels = torch.where(fixed_labels >= 0, fixed_labels, labels)

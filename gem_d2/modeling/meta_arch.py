@@ -1,0 +1,223 @@
+"""GEMDINO: the detectron2 meta-architecture, a thin adapter around :class:`~gem_d2.modeling.dino.DINO`.
+
+It reads the config once (``from_config``), builds detectron2's backbone and the plain modules
+(DINO, matcher, criterion), and converts between detectron2's inputs/outputs and tensors:
+
+- inputs: dicts with ``"image"`` ``(3, H, W)`` uint8 in ``INPUT.FORMAT``, ``"instances"``
+  (``gt_boxes`` absolute XYXY in that image, ``gt_classes`` unified ids), ``"dataset_id"`` (int),
+  ``"class_block"`` ``(start, stop)`` and, for inference, ``"height"``/``"width"``;
+- training returns the loss dict: the criterion's weighted losses plus every auxiliary loss the
+  MoE routers put into ``RoutingContext.aux_losses``;
+- inference returns ``[{"instances": Instances}]`` with ``pred_boxes`` in the input's
+  ``height``/``width``, ``scores`` and ``pred_classes`` as the dataset's **local** 0-based ids.
+
+After each forward, ``self.routing_stats`` holds the routers' ``RoutingContext.stats`` (detached).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import Tensor, nn
+
+from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from .criterion import SetCriterion
+from .dino import DINO, class_block_masks
+from .ffn import MoESpec
+from .matcher import HungarianMatcher
+from .neck import ChannelMapper
+from .position_encoding import PositionEmbeddingSine
+from .transformer import build_dino_transformer
+
+__all__ = ["GEMDINO", "build_moe_spec"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_moe_spec(cfg, num_datasets: int) -> Optional[MoESpec]:
+    """The MoE spec of ``cfg.MODEL.GEM`` (None = dense FFNs everywhere, when ``MOE_LAYERS`` is empty)."""
+    if not cfg.MODEL.GEM.MOE_LAYERS:
+        return None
+    try:
+        from .moe import moe_spec_from_cfg
+    except ImportError as e:  # the MoE package is not part of this installation
+        logger.warning("MODEL.GEM.MOE_LAYERS=%s but gem_d2.modeling.moe cannot be imported (%s): building dense "
+                       "FFNs", list(cfg.MODEL.GEM.MOE_LAYERS), e)
+        return None
+    return moe_spec_from_cfg(cfg, num_datasets)
+
+
+@META_ARCH_REGISTRY.register()
+class GEMDINO(nn.Module):
+    """DINO on a detectron2 backbone, trained and evaluated per dataset class block.
+
+    Args:
+        backbone: detectron2 backbone.
+        in_features: backbone outputs fed to DINO's neck, finest first.
+        dino: the detector.
+        criterion: :class:`SetCriterion`.
+        pixel_mean, pixel_std: per-channel normalisation in ``INPUT.FORMAT`` order.
+        num_select: detections kept per image at inference.
+    """
+
+    @configurable
+    def __init__(self, *, backbone: Backbone, in_features: Sequence[str], dino: DINO, criterion: SetCriterion,
+                 pixel_mean: Sequence[float], pixel_std: Sequence[float], num_select: int = 300):
+        super().__init__()
+        missing = [f for f in in_features if f not in backbone.output_shape()]
+        if missing:
+            raise ValueError(f"MODEL.DINO.IN_FEATURES {missing} are not backbone outputs "
+                             f"{sorted(backbone.output_shape())} (set MODEL.RESNETS.OUT_FEATURES)")
+        if len(pixel_mean) != 3 or len(pixel_std) != 3:
+            raise ValueError(f"MODEL.PIXEL_MEAN/PIXEL_STD need 3 values, got {list(pixel_mean)} / {list(pixel_std)}")
+        if num_select <= 0:
+            raise ValueError(f"MODEL.DINO.NUM_SELECT must be > 0, got {num_select}")
+        self.backbone = backbone
+        self.in_features = list(in_features)
+        self.dino = dino
+        self.criterion = criterion
+        self.num_select = num_select
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+        self.routing_stats: Dict[str, Tensor] = {}
+
+    @classmethod
+    def from_config(cls, cfg):
+        d = cfg.MODEL.DINO
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        missing = [f for f in d.IN_FEATURES if f not in shapes]
+        if missing:
+            raise ValueError(f"MODEL.DINO.IN_FEATURES {missing} are not backbone outputs {sorted(shapes)} "
+                             "(set MODEL.RESNETS.OUT_FEATURES)")
+        num_classes, num_datasets = _num_classes_and_datasets(cfg)
+        moe = build_moe_spec(cfg, num_datasets)
+        transformer = build_dino_transformer(
+            d_model=d.HIDDEN_DIM, n_heads=d.NHEADS, d_ffn=d.DIM_FEEDFORWARD, enc_layers=d.ENC_LAYERS,
+            dec_layers=d.DEC_LAYERS, num_levels=d.NUM_FEATURE_LEVELS, enc_points=d.ENC_N_POINTS,
+            dec_points=d.DEC_N_POINTS, num_queries=d.NUM_QUERIES, num_classes=num_classes, dropout=d.DROPOUT,
+            activation=d.ACTIVATION, pe_temperature=d.PE_TEMPERATURE, moe=moe)
+        neck = ChannelMapper([shapes[f].channels for f in d.IN_FEATURES], d.HIDDEN_DIM, d.NUM_FEATURE_LEVELS)
+        dino = DINO(neck, PositionEmbeddingSine(d.HIDDEN_DIM // 2, d.PE_TEMPERATURE), transformer,
+                    dn_number=d.DN_NUMBER, label_noise_ratio=d.DN_LABEL_NOISE_RATIO,
+                    box_noise_scale=d.DN_BOX_NOISE_SCALE, aux_loss=d.AUX_LOSS)
+        matcher = HungarianMatcher(d.CLASS_COST, d.BBOX_COST, d.GIOU_COST, d.FOCAL_ALPHA, d.FOCAL_GAMMA)
+        weights = {"loss_class": d.CLASS_WEIGHT, "loss_bbox": d.BBOX_WEIGHT, "loss_giou": d.GIOU_WEIGHT}
+        criterion = SetCriterion(num_classes, matcher, weights, d.FOCAL_ALPHA, d.FOCAL_GAMMA,
+                                 emit_zero_dn=d.DN_NUMBER > 0)
+        return {"backbone": backbone, "in_features": list(d.IN_FEATURES), "dino": dino, "criterion": criterion,
+                "pixel_mean": list(cfg.MODEL.PIXEL_MEAN), "pixel_std": list(cfg.MODEL.PIXEL_STD),
+                "num_select": d.NUM_SELECT}
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def num_classes(self) -> int:
+        return self.dino.num_classes
+
+    def forward(self, batched_inputs: List[Dict]):
+        """Training: dict of losses. Inference: ``[{"instances": Instances}]`` per input (see module doc)."""
+        images, image_mask = self.preprocess_image(batched_inputs)
+        class_blocks, dataset_ids = self._dataset_info(batched_inputs)
+        features = self.backbone(images.tensor)
+        feats = [features[f] for f in self.in_features]
+        if self.training:
+            targets = self.prepare_targets(batched_inputs, images.image_sizes)
+            outputs, dn_meta, ctx = self.dino(feats, image_mask, class_blocks, dataset_ids, targets)
+            class_masks = class_block_masks(class_blocks, self.num_classes)
+            losses = self.criterion(outputs, targets, class_masks, dn_meta)
+            clash = sorted(set(losses) & set(ctx.aux_losses))
+            if clash:
+                raise KeyError(f"router auxiliary losses {clash} clash with the criterion's loss names")
+            losses.update(ctx.aux_losses)
+            self.routing_stats = {k: v.detach() for k, v in ctx.stats.items()}
+            return losses
+        outputs, _, ctx = self.dino(feats, image_mask, class_blocks, dataset_ids)
+        self.routing_stats = {k: v.detach() for k, v in ctx.stats.items()}
+        return self.postprocess(outputs, class_blocks, batched_inputs, images.image_sizes)
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> Tuple[ImageList, Tensor]:
+        """Normalise, pad into one batch; returns the ImageList and its ``(N, H, W)`` padding mask (True = pad)."""
+        images = []
+        for i, x in enumerate(batched_inputs):
+            img = x.get("image")
+            if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != 3:
+                raise ValueError(f"batched_inputs[{i}]['image'] must be a (3, H, W) tensor, got "
+                                 f"{type(img).__name__} {tuple(img.shape) if isinstance(img, Tensor) else ''}")
+            images.append((img.to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std)
+        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
+        n, _, h, w = images.tensor.shape
+        mask = torch.ones(n, h, w, dtype=torch.bool, device=self.device)
+        for i, (ih, iw) in enumerate(images.image_sizes):
+            mask[i, :ih, :iw] = False
+        return images, mask
+
+    def _dataset_info(self, batched_inputs: List[Dict]) -> Tuple[Tensor, Tensor]:
+        blocks, ids = [], []
+        for i, x in enumerate(batched_inputs):
+            if "class_block" not in x or "dataset_id" not in x:
+                raise KeyError(f"batched_inputs[{i}] lacks 'class_block'/'dataset_id' (has {sorted(x)}); GEMDINO "
+                               "needs each image's dataset, as gem_d2's dataset mapper provides")
+            start, stop = (int(v) for v in x["class_block"])
+            if not 0 <= start < stop <= self.num_classes:
+                raise ValueError(f"batched_inputs[{i}]['class_block']={(start, stop)} must satisfy "
+                                 f"0 <= start < stop <= num_classes={self.num_classes}")
+            blocks.append((start, stop))
+            ids.append(int(x["dataset_id"]))
+        return (torch.tensor(blocks, dtype=torch.long, device=self.device),
+                torch.tensor(ids, dtype=torch.long, device=self.device))
+
+    def prepare_targets(self, batched_inputs: List[Dict], image_sizes) -> List[Dict[str, Tensor]]:
+        """Per image ``{"labels" (M,) unified ids, "boxes" (M, 4) cxcywh normalised by the image size}``."""
+        targets = []
+        for i, (x, (h, w)) in enumerate(zip(batched_inputs, image_sizes)):
+            if "instances" not in x:
+                raise KeyError(f"batched_inputs[{i}] has no 'instances' in training")
+            inst = x["instances"].to(self.device)
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            boxes = box_xyxy_to_cxcywh(inst.gt_boxes.tensor.to(torch.float32) / scale)
+            targets.append({"labels": inst.gt_classes.to(torch.long), "boxes": boxes})
+        return targets
+
+    def postprocess(self, outputs: Dict, class_blocks: Tensor, batched_inputs: List[Dict], image_sizes
+                    ) -> List[Dict[str, Instances]]:
+        """Top-``num_select`` detections within each image's block, rescaled to the input's height/width."""
+        detections = DINO.predict(outputs["pred_logits"], outputs["pred_boxes"], class_blocks, self.num_select)
+        results = []
+        for (scores, labels, boxes), x, (h, w), (start, _) in zip(detections, batched_inputs, image_sizes,
+                                                                   class_blocks.tolist()):
+            r = Instances((h, w))
+            scale = boxes.new_tensor([w, h, w, h])
+            r.pred_boxes = Boxes(box_cxcywh_to_xyxy(boxes) * scale)
+            r.scores = scores
+            r.pred_classes = labels - start
+            results.append({"instances": detector_postprocess(r, x.get("height", h), x.get("width", w))})
+        return results
+
+
+def _num_classes_and_datasets(cfg) -> Tuple[int, int]:
+    """``MODEL.DINO.NUM_CLASSES`` (0 = the unified label space's size) and the number of datasets.
+
+    The label space is only built when it is needed (NUM_CLASSES 0, or MoE layers that route by
+    dataset); the number of datasets is 0 when it was not built.
+    """
+    num_classes = cfg.MODEL.DINO.NUM_CLASSES
+    if num_classes < 0:
+        raise ValueError(f"MODEL.DINO.NUM_CLASSES must be >= 0 (0 = from the label space), got {num_classes}")
+    if num_classes > 0 and not cfg.MODEL.GEM.MOE_LAYERS:
+        return num_classes, 0
+    from ..data.label_space import UnifiedLabelSpace
+
+    space = UnifiedLabelSpace.from_cfg(cfg)
+    if num_classes == 0:
+        num_classes = space.num_classes
+    elif num_classes < space.num_classes:
+        raise ValueError(f"MODEL.DINO.NUM_CLASSES={num_classes} is smaller than the unified label space of "
+                         f"DATASETS.TRAIN ({space.num_classes} classes)")
+    return num_classes, len(space)
