@@ -197,8 +197,10 @@ def test_build_uodb_evaluator_writes_under_output_dir(registry, tmp_path):
     cfg.OUTPUT_DIR = str(tmp_path)
     ev = build_uodb_evaluator(cfg, name)
     assert isinstance(ev, UODBEvaluator)
-    _run(ev, {"a": ([[0, 0, 9, 9]], [0.9], [0])})
+    assert _run(ev, {"a": ([[0, 0, 9, 9]], [0.9], [0])})["uodb"]["AP"] == pytest.approx(100.0)
     assert (tmp_path / "inference" / f"uodb_metrics_{name}.json").is_file()
+    cfg.TEST.UODB_COCO_AP = False
+    assert math.isnan(_run(build_uodb_evaluator(cfg, name), {})["uodb"]["AP"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,16 +338,19 @@ def test_parity_with_pycocotools(registry, tmp_path):
     rng = np.random.default_rng(3)
     images = _random_voc(rng, 10, len(classes))
     dets = _random_dets(np.random.default_rng(4), images, len(classes))
-    # One image with 130 detections: COCO keeps its best 100.
+    # 130 more "car" detections on one image, scored above the others: COCOeval keeps the best 100 per
+    # image and class, which pushes out lower-scored ones (asserted below to change the AP).
     b, s, c = dets["img001"]
     extra = np.random.default_rng(5)
     more = extra.integers(0, 150, size=(130, 2)).astype(float)
-    dets["img001"] = (np.concatenate([b, np.hstack([more, more + 30])]), np.concatenate([s, extra.random(130)]),
-                      np.concatenate([c, extra.integers(0, 3, 130)]))
+    dets["img001"] = (np.concatenate([b, np.hstack([more, more + 30])]),
+                      np.concatenate([s, 0.9 + extra.random(130) / 20]), np.concatenate([c, np.zeros(130, np.int64)]))
     records = [_rec(k, [([x1 - 1, y1 - 1, x2 - 1, y2 - 1], cl, d) for (x1, y1, x2, y2), cl, d in objs])
                for k, objs in images.items()]
     name = registry(records, classes)
     res = _run(UODBEvaluator(name), dets)["uodb"]
+    uncapped = _run(UODBEvaluator(name, max_dets_per_image=1000), dets)["uodb"]
+    assert uncapped["AP"] != res["AP"]  # the cap matters for this data
 
     # Independent COCO files, the usual VOC -> COCO conversion (bbox [xmin - 1, ymin - 1, w, h] from
     # 1-based inclusive integers), difficult as crowd, detections through loadRes.

@@ -62,7 +62,8 @@ def coco_box_ap(
         gt_*, det_*: as in :func:`gem_d2.evaluation.voc07_ap.voc07_ap_per_class` (image indices,
             0-based class ids, XYXY boxes, ignore flags / scores).
         num_classes: the dataset's classes ``0..num_classes-1``.
-        max_dets_per_image: COCO's per-image cap on detections (highest scores kept).
+        max_dets_per_image: COCOeval's ``maxDets`` (pycocotools keeps the highest-scoring ones per
+            image *and class*).
     Returns:
         ``{"AP": ..., "AP50": ..., "AP75": ...}``.
     """

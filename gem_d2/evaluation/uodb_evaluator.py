@@ -136,7 +136,8 @@ class UODBEvaluator(DatasetEvaluator):
             dataset_name: a name registered in ``DatasetCatalog`` with ``thing_classes`` metadata.
             output_dir: if given, the metrics are also written to ``uodb_metrics_<dataset>.json`` there.
             distributed: gather predictions from all ranks before evaluating.
-            max_dets_per_image: COCO AP's per-image detection cap (VOC07 AP uses all detections).
+            max_dets_per_image: COCO AP's detection cap (COCOeval ``maxDets``, which pycocotools applies
+                per image *and class*); VOC07 AP uses all detections.
             pixel_inclusive: box widths are ``x2 - x1 + 1`` (VOC layout) or ``x2 - x1``. ``None``:
                 continuous for datasets registered from COCO json (metadata ``json_file``), inclusive
                 otherwise.
@@ -252,8 +253,10 @@ class UODBEvaluator(DatasetEvaluator):
 
 def build_uodb_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None) -> UODBEvaluator:
     """The Trainer's evaluator for ``dataset_name``; files go to ``output_folder`` or
-    ``<OUTPUT_DIR>/inference``. Returns a :class:`UODBEvaluator`.
+    ``<OUTPUT_DIR>/inference``; ``TEST.UODB_COCO_AP`` switches pycocotools on/off.
+    Returns a :class:`UODBEvaluator`.
     """
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-    return UODBEvaluator(dataset_name, output_dir=output_folder, distributed=True)
+    return UODBEvaluator(dataset_name, output_dir=output_folder, distributed=True,
+                         compute_coco=bool(cfg.TEST.UODB_COCO_AP))
