@@ -38,8 +38,9 @@ __all__ = ["GEMDINO", "build_moe_spec"]
 logger = logging.getLogger(__name__)
 
 
-def build_moe_spec(cfg, num_datasets: int) -> Optional[MoESpec]:
-    """The MoE spec of ``cfg.MODEL.GEM`` (None = dense FFNs everywhere, when ``MOE_LAYERS`` is empty)."""
+def build_moe_spec(cfg, dataset_names: Sequence[str]) -> Optional[MoESpec]:
+    """The MoE spec of ``cfg.MODEL.GEM`` for the label space's datasets ``dataset_names`` (in block order);
+    None (dense FFNs everywhere) when ``MOE_LAYERS`` is empty."""
     if not cfg.MODEL.GEM.MOE_LAYERS:
         return None
     try:
@@ -48,7 +49,7 @@ def build_moe_spec(cfg, num_datasets: int) -> Optional[MoESpec]:
         logger.warning("MODEL.GEM.MOE_LAYERS=%s but gem_d2.modeling.moe cannot be imported (%s): building dense "
                        "FFNs", list(cfg.MODEL.GEM.MOE_LAYERS), e)
         return None
-    return moe_spec_from_cfg(cfg, num_datasets)
+    return moe_spec_from_cfg(cfg, list(dataset_names))
 
 
 @META_ARCH_REGISTRY.register()
@@ -94,8 +95,8 @@ class GEMDINO(nn.Module):
         if missing:
             raise ValueError(f"MODEL.DINO.IN_FEATURES {missing} are not backbone outputs {sorted(shapes)} "
                              "(set MODEL.RESNETS.OUT_FEATURES)")
-        num_classes, num_datasets = _num_classes_and_datasets(cfg)
-        moe = build_moe_spec(cfg, num_datasets)
+        num_classes, dataset_names = _num_classes_and_datasets(cfg)
+        moe = build_moe_spec(cfg, dataset_names)
         transformer = build_dino_transformer(
             d_model=d.HIDDEN_DIM, n_heads=d.NHEADS, d_ffn=d.DIM_FEEDFORWARD, enc_layers=d.ENC_LAYERS,
             dec_layers=d.DEC_LAYERS, num_levels=d.NUM_FEATURE_LEVELS, enc_points=d.ENC_N_POINTS,
@@ -201,17 +202,17 @@ class GEMDINO(nn.Module):
         return results
 
 
-def _num_classes_and_datasets(cfg) -> Tuple[int, int]:
-    """``MODEL.DINO.NUM_CLASSES`` (0 = the unified label space's size) and the number of datasets.
+def _num_classes_and_datasets(cfg) -> Tuple[int, Tuple[str, ...]]:
+    """``MODEL.DINO.NUM_CLASSES`` (0 = the unified label space's size) and the label space's datasets.
 
     The label space is only built when it is needed (NUM_CLASSES 0, or MoE layers that route by
-    dataset); the number of datasets is 0 when it was not built.
+    dataset); the dataset tuple is empty when it was not built.
     """
     num_classes = cfg.MODEL.DINO.NUM_CLASSES
     if num_classes < 0:
         raise ValueError(f"MODEL.DINO.NUM_CLASSES must be >= 0 (0 = from the label space), got {num_classes}")
     if num_classes > 0 and not cfg.MODEL.GEM.MOE_LAYERS:
-        return num_classes, 0
+        return num_classes, ()
     from ..data.label_space import UnifiedLabelSpace
 
     space = UnifiedLabelSpace.from_cfg(cfg)
@@ -220,4 +221,4 @@ def _num_classes_and_datasets(cfg) -> Tuple[int, int]:
     elif num_classes < space.num_classes:
         raise ValueError(f"MODEL.DINO.NUM_CLASSES={num_classes} is smaller than the unified label space of "
                          f"DATASETS.TRAIN ({space.num_classes} classes)")
-    return num_classes, len(space)
+    return num_classes, space.dataset_names
