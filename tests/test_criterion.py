@@ -270,3 +270,13 @@ def test_num_boxes_all_reduced_across_ranks(tmp_path):
             proc.kill()
     assert proc.returncode == 0, err
     assert (mine, float(out.strip().splitlines()[-1])) == (3.0, 3.0)
+
+
+def test_half_precision_outputs_use_float32_losses():
+    logits, boxes = _random_outputs(1, 4, 3, seed=9)
+    targets = [target([1], [0.5, 0.5, 0.2, 0.2])]
+    crit = SetCriterion(3, HungarianMatcher(), WEIGHTS, emit_zero_dn=False)
+    half = crit({"pred_logits": logits.bfloat16(), "pred_boxes": boxes.bfloat16()}, targets)
+    full = crit({"pred_logits": logits.bfloat16().float(), "pred_boxes": boxes.bfloat16().float()}, targets)
+    for key in full:
+        assert half[key].dtype == torch.float32 and half[key].item() == full[key].item()

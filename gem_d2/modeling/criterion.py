@@ -143,6 +143,8 @@ class SetCriterion(nn.Module):
     def _layer_losses(self, out: Dict, targets, indices, num_boxes: float, class_masks: Optional[Tensor],
                       suffix: str) -> Dict[str, Tensor]:
         logits, boxes = out["pred_logits"], out["pred_boxes"]
+        if logits.dtype in (torch.float16, torch.bfloat16):  # AMP outputs: losses in float32
+            logits, boxes = logits.float(), boxes.float()
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
         src_idx = torch.cat([src for src, _ in indices])
         tgt_labels = torch.cat([t["labels"].to(logits.device)[j] for t, (_, j) in zip(targets, indices)])

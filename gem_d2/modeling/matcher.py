@@ -73,6 +73,8 @@ class HungarianMatcher(nn.Module):
 
     def cost_matrix(self, logits: Tensor, boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor) -> Tensor:
         """Cost of one image: ``logits (Q, K)``, ``boxes (Q, 4)``, targets ``(M,)``, ``(M, 4)`` -> ``(Q, M)``."""
+        if logits.dtype in (torch.float16, torch.bfloat16):  # AMP outputs: match in float32
+            logits, boxes = logits.float(), boxes.float()
         tgt_boxes = tgt_boxes.to(boxes.dtype)
         c_class = focal_class_cost(logits, tgt_labels, self.focal_alpha, self.focal_gamma)
         c_bbox = torch.cdist(boxes, tgt_boxes, p=1)
