@@ -8,7 +8,8 @@ Layout of the ``pad_size = 2 * G * B`` DN queries (``B`` = most objects in any i
 Positive ``k`` of group ``g`` sits at ``g * 2B + k`` and reconstructs target ``k`` of its image;
 negative ``k`` at ``g * 2B + B + k`` is a harder-noised copy that must predict "no object". Images
 with fewer than ``B`` objects leave their remaining slots as zero content / zero logit-box queries
-(they are trained as "no object", like in the reference implementation).
+(they are trained as "no object" and stay visible inside their group, like in the reference
+implementation). ``dn_meta["dn_labels"]`` is -1 in those slots.
 """
 from __future__ import annotations
 
@@ -57,13 +58,14 @@ def prepare_cdn(targets: List[Dict[str, Tensor]], dn_number: int, label_noise_ra
             drawn uniformly (it may draw the true class) from the image's dataset block
             ``class_blocks[i]`` (or from all ``num_classes`` when ``class_blocks`` is None).
         box_noise_scale: ``λ``; each xyxy corner moves by ``±u * λ * (w/2, h/2)``, ``u ∈ [0, 1)`` for
-            positives and ``u ∈ [1, 2)`` for negatives, then boxes are clamped to [0, 1].
+            positives and ``u ∈ [1, 2)`` for negatives, then boxes are clamped to [0, 1] (a negative
+            whose corners cross gets width/height <= 0, which ``inverse_sigmoid`` clamps to ``eps``).
         num_classes: ``K`` of the unified label space.
         label_enc: ``nn.Embedding(>= K, C)`` giving the content of a DN query from its noised label.
         num_queries: ``Q`` matching queries (only for the attention mask's size).
         class_blocks: ``(N, 2)`` long ``[start, stop)`` of each image's class block, or None.
         training: DN is only built in training.
-        generator: optional ``torch.Generator`` (on the targets' device) for the random draws.
+        generator: optional ``torch.Generator`` on ``label_enc``'s device, for the random draws.
 
     Returns:
         ``(dn_query_label (N, pad, C), dn_query_bbox (N, pad, 4) inverse-sigmoid cxcywh,
