@@ -18,6 +18,8 @@ and compares with the raw 1-based XML boxes using inclusive-pixel IoU. gem_d2's 
 ``AP50_voc07(dets) == detectron2 AP50(dets with x2 + 1, y2 + 1)`` exactly, when detectron2's own
 rounding (scores to 3 decimals, coordinates to 0.1 px, in its text files) changes nothing; fed the
 unshifted boxes, detectron2 would score boxes one pixel narrower and shorter than the UODB code does.
+(It also reads the raw XML, so ground truth must agree too: gem_d2's loader clips out-of-image boxes and
+lower-cases names, which detectron2 does not.)
 This evaluator keeps full precision; score ties rank as in the devkit (same numpy sort), and classes
 without ground truth count as AP 0 in the mean, as in detectron2 and the devkit.
 """
