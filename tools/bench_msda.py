@@ -4,7 +4,8 @@ Measures ``ms_deform_attn_core`` and the whole ``MSDeformAttn`` module (projecti
 encoder self-attention (queries = all tokens) and decoder cross-attention (900 matching + 200 DN
 queries) at DINO-4scale sizes (batch 2, 800x1066 image -> levels 100x134, 50x67, 25x34, 13x17,
 8 heads x 32 channels, 4 points) and at a small CPU size (256x256 image). Reports the median of
-``--repeats`` timed runs after ``--warmup`` runs, in milliseconds.
+``--repeats`` timed runs after ``--warmup`` runs, in milliseconds: wall time, and process CPU time
+(summed over threads), which is the steadier figure on a shared machine.
 
     python tools/benchmark.py msda [--sizes small dino4scale] [--device cpu] [--repeats 5]
     python tools/bench_msda.py ...            # same, standalone
@@ -61,16 +62,19 @@ def _sync(device) -> None:
 
 
 def _time(fn, device, repeats: int, warmup: int) -> dict:
+    """Median wall time and median process CPU time (all threads; robust to a shared, busy machine)."""
     for _ in range(warmup):
         fn()
     _sync(device)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         fn()
         _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeats": repeats}
+        wall.append((time.perf_counter() - w0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    return {"median_ms": statistics.median(wall), "min_ms": min(wall), "max_ms": max(wall),
+            "cpu_median_ms": statistics.median(cpu), "repeats": repeats}
 
 
 def _case(args, size: str, attn: str, target: str) -> dict:
@@ -129,6 +133,7 @@ def _case(args, size: str, attn: str, target: str) -> dict:
     return {"size": size, "attn": attn, "target": target, "batch": batch, "image": [height, width],
             "levels": shapes, "tokens": s, "queries": lq, "heads": m, "head_dim": d, "points": p,
             "forward_ms": fwd["median_ms"], "forward_backward_ms": fwd_bwd["median_ms"],
+            "forward_cpu_ms": fwd["cpu_median_ms"], "forward_backward_cpu_ms": fwd_bwd["cpu_median_ms"],
             "forward": fwd, "forward_backward": fwd_bwd}
 
 
@@ -141,7 +146,8 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     results = []
-    header = f"{'size':<11} {'attn':<8} {'target':<7} {'tokens':>7} {'queries':>7} {'fwd ms':>10} {'fwd+bwd ms':>11}"
+    header = (f"{'size':<11} {'attn':<8} {'target':<7} {'tokens':>7} {'queries':>7} {'fwd ms':>9} {'fwd+bwd ms':>11}"
+              f" {'fwd cpu ms':>11} {'f+b cpu ms':>11}")
     print(header)
     print("-" * len(header))
     for size in args.sizes:
@@ -150,7 +156,8 @@ def run(args) -> dict:
                 r = _case(args, size, attn, target)
                 results.append(r)
                 print(f"{size:<11} {attn:<8} {target:<7} {r['tokens']:>7} {r['queries']:>7} "
-                      f"{r['forward_ms']:>10.1f} {r['forward_backward_ms']:>11.1f}", flush=True)
+                      f"{r['forward_ms']:>9.1f} {r['forward_backward_ms']:>11.1f} {r['forward_cpu_ms']:>11.1f} "
+                      f"{r['forward_backward_cpu_ms']:>11.1f}", flush=True)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report = {
         "benchmark": "msda",
@@ -158,6 +165,7 @@ def run(args) -> dict:
         "device": str(device), "device_name": device_name, "dtype": args.dtype,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "results": results,
     }
     if args.output:
