@@ -72,6 +72,7 @@ def _add_gem(cfg: CN) -> None:
     p.SEED = 0  # sampling and k-means seed
     p.KMEANS_ITERS = 50  # k-means iterations for expert keys
     p.IMAGE_SIZE = 224  # short side images are resized to for the affinity features
+    p.MILP_TIME_LIMIT = 10.0  # seconds for the exact MILP (report, ROUNDING: exact); <= 0: report skips it
     g.TOPK = t = CN()
     t.K = 1  # experts per token
     t.CAPACITY_FACTOR = 1.25  # expert capacity = ceil(cf * T * k / E)
