@@ -1,1 +1,27 @@
-"""gem_d2.planner."""
+"""gem_d2.planner: GEM's planner (affinity -> LP relaxation) and compiler (rounding -> mapping), DESIGN §1.
+
+Standalone use on any affinity matrix::
+
+    from gem_d2.planner import plan_mapping
+    plan = plan_mapping(affinity, loads, k=1, slack=0.1, beta=0.5)
+    plan.mapping, plan.weights, plan.lp_value, plan.rounded_value, plan.milp_value, plan.report()
+
+From a detectron2 config (what the trainer calls): ``plan_from_cfg(cfg, output_dir) -> (plan, mapping, prototypes)``.
+The LP, rounding and MILP modules need only numpy/scipy/PuLP; detectron2 is imported by the affinity code only
+when it runs.
+"""
+from .affinity import AffinityResult, affinity_from_prototypes, build_frozen_backbone, compute_affinity
+from .kmeans import kmeans
+from .lp import solve_lp, solve_milp
+from .mapping import GemMapping
+from .pipeline import dataset_load_shares, plan_from_cfg
+from .plan import ROUNDINGS, ExpertPlan, compile_assignment, plan_mapping
+from .problem import PlanInfeasibleError, PlanProblem, build_problem
+from .report import format_plan_table, plan_summary, save_heatmap, write_report
+
+__all__ = [
+    "AffinityResult", "ExpertPlan", "GemMapping", "PlanInfeasibleError", "PlanProblem", "ROUNDINGS",
+    "affinity_from_prototypes", "build_frozen_backbone", "build_problem", "compile_assignment", "compute_affinity",
+    "dataset_load_shares", "format_plan_table", "kmeans", "plan_from_cfg", "plan_mapping", "plan_summary",
+    "save_heatmap", "solve_lp", "solve_milp", "write_report",
+]

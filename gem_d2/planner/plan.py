@@ -24,6 +24,7 @@ __all__ = ["ROUNDINGS", "ExpertPlan", "plan_mapping", "compile_assignment"]
 logger = logging.getLogger(__name__)
 
 ROUNDINGS = ("hierarchical", "shmoys_tardos", "exact")
+MILP_AUTO_MAX_VARS = 20_000  # milp=None solves the report's MILP only up to this many variables (m * n)
 
 
 @dataclass
@@ -124,8 +125,8 @@ def compile_assignment(p: PlanProblem, x_lp: np.ndarray, rounding: str, milp: Op
 
 
 def plan_mapping(affinity, loads, k=1, slack: float = 0.1, beta: float = 0.5, capacities=None, solver: str = "CBC",
-                 rounding: str = "hierarchical", unit_names: Optional[Sequence[str]] = None, milp: bool = True,
-                 milp_time_limit: Optional[float] = 10.0) -> ExpertPlan:
+                 rounding: str = "hierarchical", unit_names: Optional[Sequence[str]] = None,
+                 milp: Optional[bool] = None, milp_time_limit: Optional[float] = 10.0) -> ExpertPlan:
     """Plan a unit -> experts mapping (DESIGN §1).
 
     Args:
@@ -138,7 +139,8 @@ def plan_mapping(affinity, loads, k=1, slack: float = 0.1, beta: float = 0.5, ca
         solver: "CBC" (PuLP's bundled CBC), "HIGHS" (scipy) or another available PuLP solver name.
         rounding: "hierarchical" (default), "shmoys_tardos" or "exact" (the MILP optimum).
         unit_names: optional m unique names.
-        milp: solve the exact MILP for the report (always solved when ``rounding="exact"``).
+        milp: solve the exact MILP for the report: True, False, or None = only when m * n <= 20000 (beyond, CBC
+            rarely finds even a feasible point in seconds). Always solved when ``rounding="exact"``.
         milp_time_limit: seconds for the MILP (None = no limit); past it the report marks the MILP "time_limit".
     Returns:
         :class:`ExpertPlan`.
@@ -156,6 +158,8 @@ def plan_mapping(affinity, loads, k=1, slack: float = 0.1, beta: float = 0.5, ca
     lp = solve_lp(p, solver)
     times = {"lp": time.perf_counter() - t0}
     milp_sol = None
+    if milp is None:
+        milp = p.m * p.n <= MILP_AUTO_MAX_VARS
     if milp or rounding == "exact":
         milp_sol = solve_milp(p, solver, time_limit=milp_time_limit)
         times["milp"] = milp_sol.seconds
