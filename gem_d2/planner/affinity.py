@@ -76,6 +76,9 @@ def build_frozen_backbone(cfg) -> torch.nn.Module:
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_backbone
 
+    device = torch.device(cfg.MODEL.DEVICE)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"MODEL.DEVICE={cfg.MODEL.DEVICE!r} but CUDA is not available here; set MODEL.DEVICE cpu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg.MODEL.GEM.PLANNER.SEED))
         backbone = build_backbone(cfg)
@@ -88,7 +91,7 @@ def build_frozen_backbone(cfg) -> torch.nn.Module:
     backbone.eval()
     for prm in backbone.parameters():
         prm.requires_grad_(False)
-    return backbone.to(torch.device(cfg.MODEL.DEVICE))
+    return backbone.to(device)
 
 
 class FeatureExtractor:

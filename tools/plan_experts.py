@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Plan GEM's unit -> experts mapping for a config (DESIGN §1) and write it as a config fragment.
+
+    python tools/plan_experts.py --config-file configs/dino_synth_small.yaml [--output DIR] [KEY VALUE ...]
+
+Writes into ``--output`` (default ``OUTPUT_DIR``):
+
+- ``plan.yaml``: MODEL.GEM.{NUM_EXPERTS, EXPERTS_PER_UNIT, UNITS, MAPPING, MAPPING_WEIGHTS, PROTOTYPES}; merge
+  it after your config (``cfg.merge_from_file``, or ``train_net.py --config-file cfg.yaml`` with
+  ``MODEL.GEM.MAPPING`` etc. taken from it) or name it as ``_BASE_``;
+- ``planned_config.yaml``: the full config with the mapping filled in (``train_net.py --config-file`` it);
+- ``plan_report.json``, ``plan_heatmap.png`` (x* and the final mapping), ``plan_prototypes.npz``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import gem_d2  # noqa: F401  (shims before detectron2)
+
+# isort: split
+from detectron2.config import get_cfg
+from detectron2.utils.logger import setup_logger
+
+from gem_d2 import add_gem_config
+from gem_d2.planner import plan_from_cfg
+from gem_d2.planner.pipeline import PLAN_YAML, PROTOTYPES_NPZ
+
+logger = logging.getLogger("gem_d2.plan_experts")
+
+PLANNED_CONFIG = "planned_config.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default="", metavar="FILE", help="path to the config file")
+    parser.add_argument("--output", default="", metavar="DIR", help="output folder (default: the config's OUTPUT_DIR)")
+    parser.add_argument("opts", default=[], nargs=argparse.REMAINDER,
+                        help="config overrides as KEY VALUE pairs, e.g. MODEL.GEM.NUM_EXPERTS 4")
+    return parser
+
+
+def build_cfg(args):
+    """get_cfg + add_gem_config + the config file + command-line overrides."""
+    cfg = get_cfg()
+    add_gem_config(cfg)
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    return cfg
+
+
+def prepare_datasets(cfg) -> None:
+    """Generate/register the ``synth_*`` data when the config trains on it; register UODB under UODB_ROOT."""
+    from gem_d2.data import ensure_synthetic
+
+    if any(str(n).startswith("synth_") for n in cfg.DATASETS.TRAIN):
+        ensure_synthetic(cfg)
+    if cfg.DATASETS.UODB_ROOT:
+        from gem_d2.data import register_uodb
+
+        register_uodb(cfg.DATASETS.UODB_ROOT)
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    cfg = build_cfg(args)
+    output = args.output or cfg.OUTPUT_DIR
+    os.makedirs(output, exist_ok=True)
+    setup_logger(output, name="gem_d2", abbrev_name="gem")
+    prepare_datasets(cfg)
+    plan, mapping, _ = plan_from_cfg(cfg, output)
+    planned = cfg.clone()
+    mapping.to_cfg(planned)
+    planned.MODEL.GEM.PROTOTYPES = os.path.abspath(os.path.join(output, PROTOTYPES_NPZ))
+    with open(os.path.join(output, PLANNED_CONFIG), "w", encoding="utf-8") as f:
+        f.write(planned.dump())
+    print(plan.format_report())
+    paths = {name: os.path.join(output, name) for name in
+             (PLAN_YAML, PLANNED_CONFIG, "plan_report.json", "plan_heatmap.png", PROTOTYPES_NPZ)}
+    print("\nwritten:\n" + "\n".join(f"  {p}" for p in paths.values()))
+    return paths
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
