@@ -175,7 +175,7 @@ def test_empty_mapping_runs_the_planner_and_writes_the_resolved_config(tmp_path,
     monkeypatch.setattr(gem_d2.planner, "plan_from_cfg", plan_from_cfg, raising=False)
     cfg = _cfg(tmp_path, units=(), mapping=())
     resolve_gem_mapping(cfg)
-    assert calls == [cfg.OUTPUT_DIR]
+    assert calls == [os.path.join(cfg.OUTPUT_DIR, "plan")]
     assert cfg.MODEL.GEM.MAPPING == [[1], [0]]
     with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml")) as f:
         text = f.read()

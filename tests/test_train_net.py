@@ -125,3 +125,22 @@ def test_eval_only_reproduces_the_table_with_the_checkpoints_mapping(resumed_run
     assert evaluated == trained
     with open(os.path.join(r["out"], "results_table.md")) as a, open(os.path.join(out, "results_table.md")) as b:
         assert a.read() == b.read()
+
+
+def test_model_final_loads_in_plain_detectron2(resumed_run):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from gem_d2.config import add_gem_config
+
+    cfg = add_gem_config(get_cfg())
+    cfg.merge_from_file(os.path.join(resumed_run["out"], "config.yaml"))  # the resolved config of the run
+    model = build_model(cfg)
+    path = os.path.join(resumed_run["out"], "model_final.pth")
+    extra = DetectionCheckpointer(model).load(path)
+    assert extra["gem_mapping"]["mapping"] == [[0], [1]] and "gem_prototypes" in extra
+    saved = torch.load(path, weights_only=True)["model"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+

@@ -15,8 +15,8 @@ Decision, in order:
      (empty means "not fixed yet"; this is how ``--resume`` and ``--eval-only`` find it);
    - otherwise: :class:`MappingMismatchError` naming both.
 2. Otherwise, router ``gem`` with MoE layers and an empty ``MODEL.GEM.MAPPING``: rank 0 runs
-   ``gem_d2.planner.plan_from_cfg(cfg, OUTPUT_DIR)`` (an error for ``--eval-only``: a fresh plan
-   would not match any trained experts).
+   ``gem_d2.planner.plan_from_cfg(cfg, OUTPUT_DIR/plan)`` (plan.yaml, report, heatmap there); an
+   error for ``--eval-only``, since a fresh plan would not match any trained experts.
 Unit prototypes (from the planner or the checkpoint) are written to ``OUTPUT_DIR/unit_prototypes.npz``
 and ``MODEL.GEM.PROTOTYPES`` points there when it was empty.
 """
@@ -46,6 +46,7 @@ __all__ = ["resolve_gem_mapping", "checkpoint_to_load", "needs_planning", "mappi
            "validate_mapping", "write_config", "PROTOTYPES_FILE"]
 
 PROTOTYPES_FILE = "unit_prototypes.npz"
+PLAN_DIR = "plan"  # planner outputs (plan.yaml, plan_report.json, plan_heatmap.png) under OUTPUT_DIR
 logger = logging.getLogger(__name__)
 
 
@@ -134,7 +135,7 @@ def _decide(cfg: CfgNode, resume: bool, eval_only: bool) -> Dict[str, Any]:
     from ..planner import plan_from_cfg
 
     logger.info("MODEL.GEM.MAPPING is empty: planning the dataset->expert mapping (rank 0)")
-    _plan, mapping, planned_prototypes = plan_from_cfg(cfg, cfg.OUTPUT_DIR)
+    _plan, mapping, planned_prototypes = plan_from_cfg(cfg, os.path.join(cfg.OUTPUT_DIR, PLAN_DIR))
     record = mapping_record_from_planner(mapping, cfg)
     if not record["mapping"]:
         raise RuntimeError("the planner returned an empty mapping")
