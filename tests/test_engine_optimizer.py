@@ -1,13 +1,16 @@
 """Optimizer parameter groups, gradient clipping and the AMP guard of gem_d2.engine."""
 import gem_d2  # noqa: F401,I001  (compat shims before detectron2)
 
+import warnings
+
 import pytest
 import torch
 from detectron2.config import get_cfg
+from detectron2.utils.events import EventStorage
 from torch import nn
 
 from gem_d2.config import add_gem_config
-from gem_d2.engine import amp_dtype, build_gem_optimizer, build_param_groups
+from gem_d2.engine import GemAMPTrainer, amp_dtype, build_gem_optimizer, build_param_groups
 
 
 class _Backbone(nn.Module):
@@ -114,3 +117,28 @@ def test_amp_on_cpu_is_a_clear_error_and_off_is_none():
     cfg.SOLVER.AMP.ENABLED = True
     with pytest.raises(ValueError, match="SOLVER.AMP.ENABLED=True needs MODEL.DEVICE cuda"):
         amp_dtype(cfg)
+
+
+def test_amp_trainer_step_unscales_before_the_clipped_step():
+    """GemAMPTrainer's control flow (on CPU autocast('cuda') and the scaler are disabled, so it runs in fp32)."""
+    class _Loss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, batch):
+            return {"loss_a": (self.w * batch).sum() * 100, "loss_b": self.w.sum()}
+
+    model = _Loss()
+    cfg = _cfg(OPTIMIZER="SGD", MOMENTUM=0.0, WEIGHT_DECAY=0.0)
+    cfg.SOLVER.BASE_LR = 1.0
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available, disabling" from autocast/GradScaler
+        trainer = GemAMPTrainer(model, [torch.ones(3)] * 2, build_gem_optimizer(cfg, model), torch.bfloat16)
+        with EventStorage(0):
+            trainer.run_step()
+    assert torch.linalg.vector_norm(torch.ones(3) - model.w.detach()) == pytest.approx(0.5, rel=1e-5)
+    assert "grad_scaler" in trainer.state_dict() and "optimizer" in trainer.state_dict()
