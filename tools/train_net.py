@@ -14,8 +14,6 @@ from the checkpoint); the resolved config is written to ``OUTPUT_DIR/config.yaml
 """
 import gem_d2  # noqa: F401,I001  (first: compatibility shims, then detectron2 registrations)
 
-import logging
-
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
@@ -24,8 +22,6 @@ from detectron2.utils.logger import setup_logger
 from gem_d2 import add_gem_config
 from gem_d2.data import ensure_synthetic
 from gem_d2.engine import GemCheckpointer, GemTrainer, launch, resolve_gem_mapping
-
-logger = logging.getLogger("gem_d2.train_net")
 
 
 def build_cfg(args):
