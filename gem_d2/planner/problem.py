@@ -171,7 +171,7 @@ def build_problem(affinity, loads, k=1, slack: float = 0.1, beta: float = 0.5, c
         raise ValueError(f"loads must have shape ({m},) (one per affinity row), got {s.shape}")
     if not np.all(np.isfinite(s)) or np.any(s <= 0):
         bad = int(np.flatnonzero(~np.isfinite(s) | (s <= 0))[0])
-        raise ValueError(f"loads must be finite and > 0; unit {names[bad]!r} has load {s[bad]!r}")
+        raise ValueError(f"loads must be finite and > 0; unit {names[bad]!r} has load {float(s[bad])!r}")
     if not math.isfinite(float(beta)):
         raise ValueError(f"beta must be finite, got {beta!r}")
     karr = _as_k(k, m, n, names)

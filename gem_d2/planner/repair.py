@@ -7,8 +7,8 @@ rounding; Shmoys–Tardos by design) or miss a better packing. This pass applies
 * a swap: two units on different experts exchange them;
 * an ejection chain: unit u moves p -> q (gaining objective) and a unit v on q moves q -> r to make room;
 
-as long as it improves the key, taking the best step of all three kinds (steepest descent; ties broken by unit,
-then expert index). The final key is lexicographic:
+as long as it improves the key, taking the best step (steepest descent; ties broken by unit, then expert index;
+on large plans chains are only searched when no move or swap improves). The final key is lexicographic:
 
     (total overflow beyond capacity + largest unit load, total overflow, dead experts (when m >= n), -objective)
 
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 4_000_000  # elements per chunk of a vectorised search (bounds memory to ~100 MB per array)
 _CHAIN_FIRST_PER_EXPERT = 64  # value-gaining first moves tried per target expert in the chain search
+_JOINT_CHAIN_MAX = 100_000  # items x experts up to which chains are searched at every step
 # Penalty phases before the lexicographic one, in units of (mean best gain per unit / mean load). Measured on the
 # random benchmark instances: going straight to the lexicographic key strands the search in low-value packings.
 PENALTY_SCHEDULE = (1.0, 4.0, 16.0)
@@ -232,16 +233,24 @@ def repair_assignment(p: PlanProblem, assign: np.ndarray, max_steps: int = 0) ->
     if a.shape != (p.m, p.n) or not np.array_equal(a.sum(axis=1), p.k):
         raise ValueError(f"assign must be an ({p.m}, {p.n}) 0/1 matrix whose rows sum to k")
     limit = max_steps or 20 * (p.m + p.n)
+    # Chains compete with moves and swaps at every step on small plans (measurably better packings); on large
+    # ones they are searched only when nothing else improves, as they dominate the cost.
+    joint_chains = int(p.k.sum()) * p.n <= _JOINT_CHAIN_MAX
     scale = float(p.gain.max(axis=1).mean() / p.loads.mean())
     cur = a.astype(bool)
     for lam in list(PENALTY_SCHEDULE) + [None]:
         st = _State(p, cur, None if lam is None else lam * scale)
         for _ in range(limit):
-            steps = [c for c in (_best_move(st), _best_swap(st), _best_chain(st)) if c is not None]
-            if not steps:
-                break
+            steps = [c for c in (_best_move(st), _best_swap(st)) if c is not None]
+            if joint_chains or not steps:
+                chain = _best_chain(st)
+                steps += [chain] if chain is not None else []
+                if not steps:
+                    break
             step = min(steps, key=lambda c: c[0])
             _apply(st, step[1])
+        else:
+            logger.warning("repair phase stopped after %d steps (cap) on a %dx%d plan", limit, p.m, p.n)
         cur = st.assign
     if assignment_key(p, cur) > assignment_key(p, a):
         return a.astype(np.float64)

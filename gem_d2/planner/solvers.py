@@ -112,7 +112,10 @@ def _solve_pulp(model: LinearModel, name: str, time_limit: Optional[float]):
 
     prob = pulp.LpProblem("gem_plan", pulp.LpMaximize)
     num = model.c.shape[0]
-    xs = [pulp.LpVariable(f"x{i}", lowBound=float(model.lo[i]), upBound=float(model.hi[i]),
+    def bound(v):
+        return float(v) if np.isfinite(v) else None  # PuLP spells "unbounded" None
+
+    xs = [pulp.LpVariable(f"x{i}", lowBound=bound(model.lo[i]), upBound=bound(model.hi[i]),
                           cat=pulp.LpInteger if model.integer[i] else pulp.LpContinuous) for i in range(num)]
     nz = np.flatnonzero(model.c)
     prob += pulp.LpAffineExpression([(xs[i], float(model.c[i])) for i in nz])
