@@ -142,9 +142,9 @@ class GemMapping:
     def validate(self, cfg) -> None:
         """Check the mapping against a config; raises ValueError naming the key and the offending value.
 
-        Checks: one expert list (and weight list) per unit; unit names unique; every unit's dataset is in
-        ``DATASETS.TRAIN`` and, at dataset level (``MODEL.GEM.PLANNER.LEVEL``), every training dataset has a unit;
-        at class level, the class is one of the dataset's ``thing_classes`` when its metadata is registered;
+        Checks: one expert list (and weight list) per unit; unit names unique; every unit is a ``DATASETS.TRAIN``
+        dataset or, at class level (``MODEL.GEM.PLANNER.LEVEL``), "dataset/class" with a class of the dataset's
+        ``thing_classes`` (when its metadata is registered); every training dataset has a unit;
         expert ids in ``[0, MODEL.GEM.NUM_EXPERTS)`` and distinct per unit; ``MODEL.GEM.EXPERTS_PER_UNIT`` experts
         per unit; weights non-negative and summing to 1.
         """
@@ -158,20 +158,23 @@ class GemMapping:
         level = g.PLANNER.LEVEL
         if level not in ("dataset", "class"):
             raise ValueError(f"MODEL.GEM.PLANNER.LEVEL={level!r}; expected 'dataset' or 'class'")
+        covered = set()
         for unit in self.units:
-            dataset = unit.split(UNIT_SEPARATOR, 1)[0] if level == "class" else unit
-            if dataset not in train:
-                raise ValueError(f"MODEL.GEM.UNITS: unit {unit!r} is not a dataset of DATASETS.TRAIN {train}")
-            if level == "class":
-                if UNIT_SEPARATOR not in unit:
-                    raise ValueError(f"MODEL.GEM.UNITS: unit {unit!r} is not of the form 'dataset/class' "
-                                     "expected with MODEL.GEM.PLANNER.LEVEL=class")
-                classes = _thing_classes(dataset)
-                cls_name = unit.split(UNIT_SEPARATOR, 1)[1]
-                if classes is not None and cls_name not in classes:
-                    raise ValueError(f"MODEL.GEM.UNITS: unit {unit!r}: class {cls_name!r} is not one of "
-                                     f"{dataset}'s thing_classes {classes}")
-        covered = {u.split(UNIT_SEPARATOR, 1)[0] if level == "class" else u for u in self.units}
+            if unit in train:  # a dataset row (also allowed at class level: the dataset's default experts)
+                covered.add(unit)
+                continue
+            owners = [d for d in train if unit.startswith(d + UNIT_SEPARATOR)] if level == "class" else []
+            if not owners:
+                form = "a dataset or 'dataset/class' with a dataset" if level == "class" else "a dataset"
+                raise ValueError(f"MODEL.GEM.UNITS: unit {unit!r} is not {form} of DATASETS.TRAIN {train} "
+                                 f"(MODEL.GEM.PLANNER.LEVEL={level})")
+            dataset = max(owners, key=len)
+            covered.add(dataset)
+            classes = _thing_classes(dataset)
+            cls_name = unit[len(dataset) + 1:]
+            if classes is not None and cls_name not in classes:
+                raise ValueError(f"MODEL.GEM.UNITS: unit {unit!r}: class {cls_name!r} is not one of "
+                                 f"{dataset}'s thing_classes {classes}")
         missing = [d for d in train if d not in covered]
         if missing:
             raise ValueError(f"MODEL.GEM.UNITS has no unit for the training dataset(s) {missing}; re-plan with the "
