@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from .kmeans import kmeans
 from .mapping import UNIT_SEPARATOR
 
-__all__ = ["AffinityResult", "FeatureExtractor", "affinity_from_prototypes", "build_frozen_backbone",
-           "compute_affinity", "unit_prototypes", "collect_unit_features", "UnitFeatures"]
+__all__ = ["AffinityResult", "FeatureExtractor", "UnitFeatures", "affinity_from_features", "affinity_from_prototypes",
+           "build_frozen_backbone", "collect_unit_features", "compute_affinity", "unit_prototypes"]
 
 logger = logging.getLogger(__name__)
 
@@ -256,23 +256,30 @@ def collect_unit_features(extractor: FeatureExtractor, datasets: Sequence[str], 
                 per_image.setdefault(ri, []).append(box)
             plan.append((unit, name, len(boxes) / total,
                          [(records[ri]["file_name"], per_image[ri]) for ri in sorted(per_image)]))
-    total_images = sum(len(items) for *_, items in plan)
-    progress = _Progress(total_images)
-    names, dsets, shares, feats = [], [], [], []
-    for unit, dataset, share, items in plan:
-        if level == "dataset":
-            f = extractor.image_features([fn for fn, _ in items], progress)
-        else:
-            parts = []
-            for fn, boxes in items:
-                parts.append(extractor.box_features(fn, np.asarray(boxes)))
-                progress.step(1)
-            f = np.concatenate(parts, axis=0)
-        names.append(unit)
-        dsets.append(dataset)
-        shares.append(share)
-        feats.append(f)
-    return UnitFeatures(unit_names=names, datasets=dsets, features=feats, share_in_dataset=np.asarray(shares))
+    if level == "dataset":
+        progress = _Progress(sum(len(items) for *_, items in plan))
+        feats = [extractor.image_features([fn for fn, _ in items], progress) for *_, items in plan]
+    else:
+        feats = _class_features(extractor, plan)
+    return UnitFeatures(unit_names=[u for u, *_ in plan], datasets=[d for _, d, *_ in plan], features=feats,
+                        share_in_dataset=np.asarray([sh for _, _, sh, _ in plan]))
+
+
+def _class_features(extractor: FeatureExtractor, plan) -> List[np.ndarray]:
+    # An image holding sampled boxes of several classes goes through the backbone once.
+    boxes_of_image: Dict[str, list] = {}
+    for ui, (*_, items) in enumerate(plan):
+        for fn, boxes in items:
+            boxes_of_image.setdefault(fn, []).extend((ui, b) for b in boxes)
+    parts: List[list] = [[] for _ in plan]
+    progress = _Progress(len(boxes_of_image))
+    for fn in sorted(boxes_of_image):
+        owners = boxes_of_image[fn]
+        feats = extractor.box_features(fn, np.asarray([b for _, b in owners]))
+        for (ui, _), f in zip(owners, feats):
+            parts[ui].append(f)
+        progress.step(1)
+    return [np.stack(p) for p in parts]
 
 
 def unit_prototypes(features: Sequence[np.ndarray]) -> np.ndarray:
@@ -296,11 +303,32 @@ def affinity_from_prototypes(prototypes: np.ndarray, keys: np.ndarray, tau: floa
     return e / e.sum(axis=1, keepdims=True)
 
 
-def compute_affinity(cfg, extractor: Optional[FeatureExtractor] = None) -> AffinityResult:
+def affinity_from_features(uf: UnitFeatures, num_experts: int, seed: int = 0, kmeans_iters: int = 50,
+                           tau: float = 0.1) -> AffinityResult:
+    """Prototypes, k-means expert keys (over all sampled features) and the affinity for sampled unit features."""
+    t0 = time.perf_counter()
+    allf = np.concatenate(uf.features, axis=0)
+    if allf.shape[0] < num_experts:
+        raise ValueError(f"the planner sampled {allf.shape[0]} features in all but MODEL.GEM.NUM_EXPERTS="
+                         f"{num_experts} k-means keys need at least one each: raise MODEL.GEM.PLANNER.SAMPLES_PER_UNIT")
+    keys = kmeans(allf, int(num_experts), seed=int(seed), iters=int(kmeans_iters))
+    keys = (keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    protos = unit_prototypes(uf.features)
+    return AffinityResult(unit_names=list(uf.unit_names), datasets=list(uf.datasets),
+                          share_in_dataset=np.asarray(uf.share_in_dataset), prototypes=protos, keys=keys,
+                          affinity=affinity_from_prototypes(protos, keys, float(tau)),
+                          samples_per_unit=np.array([len(f) for f in uf.features]),
+                          seconds=time.perf_counter() - t0)
+
+
+def compute_affinity(cfg, extractor: Optional[FeatureExtractor] = None,
+                     features: Optional[UnitFeatures] = None) -> AffinityResult:
     """Units, prototypes, expert keys and the affinity matrix for ``cfg.DATASETS.TRAIN`` (see module docstring).
 
     Reads ``MODEL.GEM.PLANNER.{LEVEL, SAMPLES_PER_UNIT, SEED, KMEANS_ITERS, TAU, IMAGE_SIZE}``,
     ``MODEL.GEM.NUM_EXPERTS``, ``MODEL.WEIGHTS``, ``MODEL.PIXEL_MEAN/STD``, ``INPUT.FORMAT``, ``MODEL.DEVICE``.
+    ``extractor`` reuses a built backbone; ``features`` reuses sampled features (skipping the backbone).
+    ``seconds`` of the result covers sampling, the backbone and k-means.
     """
     t0 = time.perf_counter()
     pl = cfg.MODEL.GEM.PLANNER
@@ -310,17 +338,9 @@ def compute_affinity(cfg, extractor: Optional[FeatureExtractor] = None) -> Affin
     datasets = list(cfg.DATASETS.TRAIN)
     if not datasets:
         raise ValueError("DATASETS.TRAIN is empty: the planner needs the training datasets")
-    extractor = FeatureExtractor.from_cfg(cfg) if extractor is None else extractor
-    uf = collect_unit_features(extractor, datasets, pl.LEVEL, int(pl.SAMPLES_PER_UNIT), int(pl.SEED))
-    allf = np.concatenate(uf.features, axis=0)
-    if allf.shape[0] < n:
-        raise ValueError(f"the planner sampled {allf.shape[0]} features in all but MODEL.GEM.NUM_EXPERTS={n} "
-                         "k-means keys need at least one each: raise MODEL.GEM.PLANNER.SAMPLES_PER_UNIT")
-    keys = kmeans(allf, n, seed=int(pl.SEED), iters=int(pl.KMEANS_ITERS))
-    keys = (keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-    protos = unit_prototypes(uf.features)
-    w = affinity_from_prototypes(protos, keys, float(pl.TAU))
-    return AffinityResult(unit_names=uf.unit_names, datasets=uf.datasets, share_in_dataset=uf.share_in_dataset,
-                          prototypes=protos, keys=keys, affinity=w,
-                          samples_per_unit=np.array([len(f) for f in uf.features]),
-                          seconds=time.perf_counter() - t0)
+    if features is None:
+        extractor = FeatureExtractor.from_cfg(cfg) if extractor is None else extractor
+        features = collect_unit_features(extractor, datasets, pl.LEVEL, int(pl.SAMPLES_PER_UNIT), int(pl.SEED))
+    result = affinity_from_features(features, n, int(pl.SEED), int(pl.KMEANS_ITERS), float(pl.TAU))
+    result.seconds = time.perf_counter() - t0
+    return result
