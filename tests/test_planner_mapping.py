@@ -102,8 +102,14 @@ def test_validate_rejects_bad_rows():
         GemMapping.from_cfg(cfg)
 
 
-def test_validate_class_level_units():
+@pytest.fixture
+def class_metadata():
     MetadataCatalog.get("plan_a_train").set(thing_classes=["car", "person"])
+    yield
+    MetadataCatalog.remove("plan_a_train")
+
+
+def test_validate_class_level_units(class_metadata):
     cfg = make_cfg()
     cfg.MODEL.GEM.PLANNER.LEVEL = "class"
     cfg.DATASETS.TRAIN = ("plan_a_train",)
