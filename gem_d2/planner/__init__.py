@@ -10,7 +10,14 @@ From a detectron2 config (what the trainer calls): ``plan_from_cfg(cfg, output_d
 The LP, rounding and MILP modules need only numpy/scipy/PuLP; detectron2 is imported by the affinity code only
 when it runs.
 """
-from .affinity import AffinityResult, affinity_from_prototypes, build_frozen_backbone, compute_affinity
+from .affinity import (
+    AffinityResult,
+    FeatureExtractor,
+    affinity_from_features,
+    affinity_from_prototypes,
+    build_frozen_backbone,
+    compute_affinity,
+)
 from .kmeans import kmeans
 from .lp import solve_lp, solve_milp
 from .mapping import GemMapping
@@ -20,8 +27,8 @@ from .problem import PlanInfeasibleError, PlanProblem, build_problem
 from .report import format_plan_table, plan_summary, save_heatmap, write_report
 
 __all__ = [
-    "AffinityResult", "ExpertPlan", "GemMapping", "PlanInfeasibleError", "PlanProblem", "ROUNDINGS",
-    "affinity_from_prototypes", "build_frozen_backbone", "build_problem", "compile_assignment", "compute_affinity",
-    "dataset_load_shares", "format_plan_table", "kmeans", "plan_from_cfg", "plan_mapping", "plan_summary",
-    "save_heatmap", "solve_lp", "solve_milp", "write_report",
+    "AffinityResult", "ExpertPlan", "FeatureExtractor", "GemMapping", "PlanInfeasibleError", "PlanProblem",
+    "ROUNDINGS", "affinity_from_features", "affinity_from_prototypes", "build_frozen_backbone", "build_problem",
+    "compile_assignment", "compute_affinity", "dataset_load_shares", "format_plan_table", "kmeans", "plan_from_cfg",
+    "plan_mapping", "plan_summary", "save_heatmap", "solve_lp", "solve_milp", "write_report",
 ]

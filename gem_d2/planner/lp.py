@@ -145,4 +145,4 @@ def diagnose_infeasibility(p: PlanProblem, solver: str = "CBC") -> PlanInfeasibl
         return PlanInfeasibleError("unknown", f"LP reported infeasible ({p.m}x{p.n}) but the elastic LP found "
                                               "no violation; numerical trouble in the solver")
     msg = "LP infeasible: " + "; ".join(t for _, _, t in parts) + ". Raise slack or the capacities."
-    return PlanInfeasibleError(parts[0][0], msg, required=parts[0][1], available=0.0)
+    return PlanInfeasibleError(parts[0][0], msg, required=parts[0][1])

@@ -23,8 +23,9 @@ class PlanInfeasibleError(ValueError):
 
     Attributes:
         constraint: which constraint family fails: "coverage", "capacity" or "no_dead_expert".
-        required: what the constraint needs (a load, or a count of experts).
-        available: what the inputs provide.
+        required: what the constraint needs (a load or a count of experts); for an LP found infeasible by the
+            solver, the smallest total shortfall of the named constraint family.
+        available: what the inputs provide (NaN when not a single number).
     """
 
     def __init__(self, constraint: str, message: str, required: float = float("nan"), available: float = float("nan")):
