@@ -206,8 +206,17 @@ class GemCheckpointer(DetectionCheckpointer):
         if os.path.basename(save_file) != basename:
             raise ValueError(f"checkpoint name {name!r} must not contain a path separator")
         self.logger.info(f"Saving checkpoint to {save_file}")
+        self._remove_stale_temp_files()
         atomic_write(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(basename)
+
+    def _remove_stale_temp_files(self) -> None:
+        # Only this process writes into save_dir, so a temp file already there was left by a run that
+        # was killed mid-save (SIGKILL skips atomic_write's cleanup); the checkpoint it held never existed.
+        for entry in os.listdir(self.save_dir) if os.path.isdir(self.save_dir) else []:
+            if entry.startswith(".") and entry.endswith(".tmp") and (".pth." in entry or "last_checkpoint" in entry):
+                self.logger.info(f"Removing {entry}, a partial write of a killed run")
+                os.unlink(os.path.join(self.save_dir, entry))
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Point ``<save_dir>/last_checkpoint`` at ``last_filename_basename``, atomically."""
