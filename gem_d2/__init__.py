@@ -3,12 +3,14 @@
 Importing this package applies the compatibility shims (gem_d2._compat) and registers gem_d2's
 datasets, meta-architecture, backbones and routers with detectron2's registries.
 """
+# ruff: noqa: E402, I001  (the shims must run before anything imports detectron2)
 from . import _compat
 
 _compat.apply()
 
-from . import data  # noqa: E402,F401  (registers datasets)
-from . import modeling  # noqa: E402,F401  (registers GEMDINO, routers)
-from .config import add_gem_config  # noqa: E402,F401
+from . import data  # registers the UODB and generated datasets
+from . import modeling  # registers GEMDINO and the routers
+from .config import add_gem_config
 
+__all__ = ["add_gem_config", "data", "modeling"]
 __version__ = "0.1.0"
