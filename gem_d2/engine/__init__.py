@@ -20,6 +20,7 @@ from .launch import create_ddp_model, launch, resolve_device, unwrap_model
 from .optimizer import build_gem_optimizer, build_param_groups
 from .planning import checkpoint_to_load, needs_planning, resolve_gem_mapping, write_config
 from .plotting import plot_training_curves
+from .routing_prototypes import RoutingPrototypesHook, compute_routing_prototypes
 from .trainer import GemAMPTrainer, GemTrainer, amp_dtype
 
 __all__ = [
@@ -29,12 +30,14 @@ __all__ = [
     "GemCheckpointer",
     "GemTrainer",
     "MappingMismatchError",
+    "RoutingPrototypesHook",
     "RoutingStatsHook",
     "TrainingCurvesHook",
     "amp_dtype",
     "atomic_write",
     "build_gem_optimizer",
     "build_param_groups",
+    "compute_routing_prototypes",
     "checkpoint_to_load",
     "create_ddp_model",
     "gem_mapping_from_cfg",

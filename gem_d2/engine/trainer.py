@@ -20,8 +20,9 @@ from .. import data as gem_data
 from .. import evaluation as gem_evaluation
 from .checkpoint import GemCheckpointer
 from .hooks import RoutingStatsHook, TrainingCurvesHook
-from .launch import create_ddp_model
+from .launch import create_ddp_model, unwrap_model
 from .optimizer import build_gem_optimizer
+from .routing_prototypes import RoutingPrototypesHook, compute_routing_prototypes
 
 __all__ = ["GemTrainer", "GemAMPTrainer", "amp_dtype"]
 logger = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ class GemTrainer(DefaultTrainer):
         routing = RoutingStatsHook(20, _train_dataset_names(self.cfg), self.cfg.OUTPUT_DIR)
         writer_at = next((i for i, h in enumerate(ret) if isinstance(h, d2_hooks.PeriodicWriter)), len(ret))
         ret.insert(writer_at, routing)
+        ckpt_at = next((i for i, h in enumerate(ret) if isinstance(h, d2_hooks.PeriodicCheckpointer)), 0)
+        ret.insert(ckpt_at, RoutingPrototypesHook(self.cfg, self.cfg.TEST.EVAL_PERIOD))
         if comm.is_main_process():
             ret.append(TrainingCurvesHook(self.cfg.OUTPUT_DIR))
         return ret
@@ -173,6 +176,9 @@ class GemTrainer(DefaultTrainer):
             evaluators = [evaluators]
         if evaluators is not None and len(evaluators) != len(cfg.DATASETS.TEST):
             raise ValueError(f"{len(evaluators)} evaluators for {len(cfg.DATASETS.TEST)} DATASETS.TEST datasets")
+        router = getattr(unwrap_model(model), "auto_router", None)
+        if cfg.MODEL.GEM.TEST_ROUTING == "auto" and router is not None and not bool(router.ready):
+            compute_routing_prototypes(model, cfg)  # e.g. --eval-only on a checkpoint saved without them
         results: Dict[str, dict] = OrderedDict()
         for idx, name in enumerate(cfg.DATASETS.TEST):
             loader = cls.build_test_loader(cfg, name)

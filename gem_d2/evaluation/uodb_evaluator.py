@@ -39,6 +39,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
+from ..data.catalog import dataset_domain
 from .coco_ap import coco_box_ap
 from .voc07_ap import voc07_ap_per_class
 
@@ -184,6 +185,11 @@ class UODBEvaluator(DatasetEvaluator):
             if "instances" not in out:
                 raise KeyError(f"output for image {image_id!r} has no 'instances'")
             inst = out["instances"].to("cpu")
+            routed_right = None
+            if "routed_dataset" in out:  # auto test-time routing: the model chose the dataset itself
+                routed_right = dataset_domain(out["routed_dataset"]) == dataset_domain(self._dataset_name)
+                if not routed_right:  # its classes belong to another dataset's label space: no detections here
+                    inst = inst[:0]
             boxes = inst.pred_boxes.tensor.detach().double().numpy().reshape(-1, 4)
             scores = inst.scores.detach().double().numpy().reshape(-1)
             classes = inst.pred_classes.detach().numpy().astype(np.int64).reshape(-1)
@@ -196,7 +202,8 @@ class UODBEvaluator(DatasetEvaluator):
                 )
             if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
                 raise ValueError(f"image {image_id!r} of dataset {self._dataset_name!r}: non-finite boxes or scores")
-            self._predictions.append({"image_id": image_id, "boxes": boxes, "scores": scores, "classes": classes})
+            self._predictions.append({"image_id": image_id, "boxes": boxes, "scores": scores, "classes": classes,
+                                      "routed_right": routed_right})
 
     def evaluate(self):
         """Gather, then compute the metrics (rank 0 returns ``{"uodb": ...}``, other ranks ``{}``)."""
@@ -248,6 +255,9 @@ class UODBEvaluator(DatasetEvaluator):
         metrics = OrderedDict()
         metrics["AP50_voc07"] = float(np.mean(ap * 100))
         metrics.update(coco)
+        routed = [p["routed_right"] for p in predictions if p.get("routed_right") is not None]
+        if routed:  # share of images that auto routing sent to their own dataset
+            metrics["auto_routing_acc"] = float(100 * np.mean(routed))
         for name, value in zip(self._class_names, ap):
             metrics[f"AP50_voc07-{name}"] = float(value * 100)
         return metrics

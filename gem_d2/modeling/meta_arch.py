@@ -11,6 +11,10 @@ It reads the config once (``from_config``), builds detectron2's backbone and the
 - inference returns ``[{"instances": Instances}]`` with ``pred_boxes`` in the input's
   ``height``/``width``, ``scores`` and ``pred_classes`` as the dataset's **local** 0-based ids.
 
+With ``MODEL.GEM.TEST_ROUTING: auto`` inference ignores the inputs' dataset: the nearest dataset
+prototype of the image's backbone feature picks it (:mod:`gem_d2.modeling.auto_routing`), and each
+output also carries ``"routed_dataset"`` (a ``DATASETS.TRAIN`` name).
+
 After each forward, ``self.routing_stats`` holds the routers' ``RoutingContext.stats`` (detached).
 """
 from __future__ import annotations
@@ -19,11 +23,13 @@ import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
+from .auto_routing import DatasetRouter, pooled_image_features
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .criterion import SetCriterion
 from .dino import DINO, class_block_masks
@@ -67,8 +73,14 @@ class GEMDINO(nn.Module):
 
     @configurable
     def __init__(self, *, backbone: Backbone, in_features: Sequence[str], dino: DINO, criterion: SetCriterion,
-                 pixel_mean: Sequence[float], pixel_std: Sequence[float], num_select: int = 300):
+                 pixel_mean: Sequence[float], pixel_std: Sequence[float], num_select: int = 300,
+                 dataset_names: Sequence[str] = (), dataset_blocks: Sequence[Sequence[int]] = (),
+                 test_routing: str = "dataset"):
         super().__init__()
+        if test_routing not in ("dataset", "auto"):
+            raise ValueError(f"MODEL.GEM.TEST_ROUTING must be 'dataset' or 'auto', got {test_routing!r}")
+        if test_routing == "auto" and not dataset_names:
+            raise ValueError("MODEL.GEM.TEST_ROUTING 'auto' needs the label space's datasets (DATASETS.TRAIN)")
         missing = [f for f in in_features if f not in backbone.output_shape()]
         if missing:
             raise ValueError(f"MODEL.DINO.IN_FEATURES {missing} are not backbone outputs "
@@ -85,6 +97,14 @@ class GEMDINO(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
         self.routing_stats: Dict[str, Tensor] = {}
+        self.test_routing = test_routing
+        self.dataset_names = list(dataset_names)
+        self.auto_router = None
+        if self.dataset_names:
+            self.register_buffer("dataset_blocks", torch.tensor([list(b) for b in dataset_blocks], dtype=torch.long),
+                                 False)
+            channels = 2 * sum(backbone.output_shape()[f].channels for f in self.in_features)  # mean + std
+            self.auto_router = DatasetRouter(len(self.dataset_names), channels)
 
     @classmethod
     def from_config(cls, cfg):
@@ -95,7 +115,7 @@ class GEMDINO(nn.Module):
         if missing:
             raise ValueError(f"MODEL.DINO.IN_FEATURES {missing} are not backbone outputs {sorted(shapes)} "
                              "(set MODEL.RESNETS.OUT_FEATURES)")
-        num_classes, dataset_names = _num_classes_and_datasets(cfg)
+        num_classes, dataset_names, dataset_blocks = _num_classes_and_datasets(cfg)
         moe = build_moe_spec(cfg, dataset_names)
         transformer = build_dino_transformer(
             d_model=d.HIDDEN_DIM, n_heads=d.NHEADS, d_ffn=d.DIM_FEEDFORWARD, enc_layers=d.ENC_LAYERS,
@@ -112,7 +132,8 @@ class GEMDINO(nn.Module):
                                  emit_zero_dn=d.DN_NUMBER > 0)
         return {"backbone": backbone, "in_features": list(d.IN_FEATURES), "dino": dino, "criterion": criterion,
                 "pixel_mean": list(cfg.MODEL.PIXEL_MEAN), "pixel_std": list(cfg.MODEL.PIXEL_STD),
-                "num_select": d.NUM_SELECT}
+                "num_select": d.NUM_SELECT, "dataset_names": dataset_names, "dataset_blocks": dataset_blocks,
+                "test_routing": cfg.MODEL.GEM.TEST_ROUTING}
 
     @property
     def device(self) -> torch.device:
@@ -125,7 +146,8 @@ class GEMDINO(nn.Module):
     def forward(self, batched_inputs: List[Dict]):
         """Training: dict of losses. Inference: ``[{"instances": Instances}]`` per input (see module doc)."""
         images, image_mask = self.preprocess_image(batched_inputs)
-        class_blocks, dataset_ids = self._dataset_info(batched_inputs)
+        auto = not self.training and self.test_routing == "auto"  # inputs need no dataset: it is identified
+        class_blocks, dataset_ids = (None, None) if auto else self._dataset_info(batched_inputs)
         features = self.backbone(images.tensor)
         feats = [features[f] for f in self.in_features]
         if self.training:
@@ -139,9 +161,29 @@ class GEMDINO(nn.Module):
             losses.update(ctx.aux_losses)
             self.routing_stats = {k: v.detach() for k, v in ctx.stats.items()}
             return losses
+        routed = None
+        if auto:
+            routed = self.identify_datasets(features, images)
+            dataset_ids, class_blocks = routed, self.dataset_blocks[routed]
         outputs, _, ctx = self.dino(feats, image_mask, class_blocks, dataset_ids)
         self.routing_stats = {k: v.detach() for k, v in ctx.stats.items()}
-        return self.postprocess(outputs, class_blocks, batched_inputs, images.image_sizes)
+        results = self.postprocess(outputs, class_blocks, batched_inputs, images.image_sizes)
+        if routed is not None:
+            for r, i in zip(results, routed.tolist()):
+                r["routed_dataset"] = self.dataset_names[i]
+        return results
+
+    def image_features(self, features: Dict[str, Tensor], images: ImageList) -> Tensor:
+        """(N, D) image descriptor: per backbone level in IN_FEATURES, the normalised per-channel mean and
+        standard deviation over the image's valid cells, concatenated and normalised again (the style statistics
+        of several levels tell visual domains apart far better than the last stage's mean alone)."""
+        hw = images.tensor.shape[-2:]
+        pooled = [pooled_image_features(features[f], images.image_sizes, hw, with_std=True) for f in self.in_features]
+        return F.normalize(torch.cat(pooled, dim=1), dim=1)
+
+    def identify_datasets(self, features: Dict[str, Tensor], images: ImageList) -> Tensor:
+        """(N,) index (label-space order) of each image's nearest dataset prototype (auto routing)."""
+        return self.auto_router(self.image_features(features, images))
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> Tuple[ImageList, Tensor]:
         """Normalise, pad into one batch; returns the ImageList and its ``(N, H, W)`` padding mask (True = pad)."""
@@ -202,17 +244,18 @@ class GEMDINO(nn.Module):
         return results
 
 
-def _num_classes_and_datasets(cfg) -> Tuple[int, Tuple[str, ...]]:
+def _num_classes_and_datasets(cfg) -> Tuple[int, Tuple[str, ...], Tuple[Tuple[int, int], ...]]:
     """``MODEL.DINO.NUM_CLASSES`` (0 = the unified label space's size) and the label space's datasets.
 
-    The label space is only built when it is needed (NUM_CLASSES 0, or MoE layers that route by
-    dataset); the dataset tuple is empty when it was not built.
+    The label space is only built when it is needed (NUM_CLASSES 0, MoE layers that route by
+    dataset, or auto test routing); the dataset tuple and the (start, stop) block of each dataset are
+    empty when it was not built.
     """
     num_classes = cfg.MODEL.DINO.NUM_CLASSES
     if num_classes < 0:
         raise ValueError(f"MODEL.DINO.NUM_CLASSES must be >= 0 (0 = from the label space), got {num_classes}")
-    if num_classes > 0 and not cfg.MODEL.GEM.MOE_LAYERS:
-        return num_classes, ()
+    if num_classes > 0 and not cfg.MODEL.GEM.MOE_LAYERS and cfg.MODEL.GEM.TEST_ROUTING != "auto":
+        return num_classes, (), ()
     from ..data.label_space import UnifiedLabelSpace
 
     space = UnifiedLabelSpace.from_cfg(cfg)
@@ -221,4 +264,5 @@ def _num_classes_and_datasets(cfg) -> Tuple[int, Tuple[str, ...]]:
     elif num_classes < space.num_classes:
         raise ValueError(f"MODEL.DINO.NUM_CLASSES={num_classes} is smaller than the unified label space of "
                          f"DATASETS.TRAIN ({space.num_classes} classes)")
-    return num_classes, space.dataset_names
+    blocks = tuple(tuple(space.block(i)) for i in range(len(space.dataset_names)))
+    return num_classes, space.dataset_names, blocks

@@ -1,0 +1,74 @@
+"""Dataset prototypes for auto test-time routing, computed with the model's own (trained) backbone.
+
+See :mod:`gem_d2.modeling.auto_routing` for why the trained backbone's prototypes are used rather
+than the planner's. ``RoutingPrototypesHook`` refreshes them before every evaluation and before the
+final checkpoint, so ``model_final.pth`` carries them in the model's state dict.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.engine import HookBase
+
+from ..data import GemDatasetMapper
+from .launch import unwrap_model
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def compute_routing_prototypes(model, cfg, samples_per_dataset: Optional[int] = None, batch_size: int = 4):
+    """Install in ``model.auto_router`` the (D, C) mean backbone feature of each training dataset.
+
+    Samples ``samples_per_dataset`` (default ``MODEL.GEM.PLANNER.SAMPLES_PER_UNIT``) images per
+    dataset with ``MODEL.GEM.PLANNER.SEED``, at test-time resolution. Returns the prototypes tensor,
+    or None when the model has no dataset router (no label space).
+    """
+    model = unwrap_model(model)
+    if getattr(model, "auto_router", None) is None:
+        return None
+    n = samples_per_dataset or cfg.MODEL.GEM.PLANNER.SAMPLES_PER_UNIT
+    mapper = GemDatasetMapper(cfg, is_train=False)
+    was_training = model.training
+    model.eval()
+    protos = []
+    try:
+        for d, name in enumerate(model.dataset_names):
+            records = DatasetCatalog.get(name)
+            if not records:
+                raise ValueError(f"dataset {name!r} has no images: cannot compute its routing prototype")
+            rng = np.random.RandomState(cfg.MODEL.GEM.PLANNER.SEED + d)
+            picks = sorted(rng.choice(len(records), size=min(n, len(records)), replace=False).tolist())
+            feats = []
+            for start in range(0, len(picks), batch_size):
+                batch = [mapper(records[i]) for i in picks[start:start + batch_size]]
+                images, _ = model.preprocess_image(batch)
+                feats.append(model.image_features(model.backbone(images.tensor), images))
+            protos.append(torch.cat(feats).mean(0))
+        prototypes = torch.stack(protos)
+        model.auto_router.set_prototypes(prototypes)
+    finally:
+        model.train(was_training)
+    logger.info(f"auto-routing prototypes computed for {len(protos)} datasets ({n} images each at most)")
+    return prototypes
+
+
+class RoutingPrototypesHook(HookBase):
+    """Recompute the routing prototypes after the steps that precede an evaluation or the last checkpoint.
+
+    Register it before detectron2's PeriodicCheckpointer and EvalHook so both see fresh prototypes.
+    """
+
+    def __init__(self, cfg, eval_period: int):
+        self.cfg = cfg
+        self.eval_period = eval_period
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        last = next_iter == self.trainer.max_iter
+        if last or (self.eval_period > 0 and next_iter % self.eval_period == 0):
+            compute_routing_prototypes(self.trainer.model, self.cfg)
