@@ -66,8 +66,13 @@ def check_solver(solver: str) -> str:
 
 
 def solve_model(model: LinearModel, solver: str = "CBC", time_limit: Optional[float] = None) -> SolveResult:
-    """Solve ``model`` with the named backend (see :func:`check_solver`); never raises on infeasibility."""
+    """Solve ``model`` with the named backend (see :func:`check_solver`); never raises on infeasibility.
+
+    ``time_limit`` in seconds; None or <= 0 means no limit.
+    """
     backend = check_solver(solver)
+    if time_limit is not None and time_limit <= 0:
+        time_limit = None
     t0 = time.perf_counter()
     if backend == "scipy-highs":
         status, x = _solve_scipy(model, time_limit)
