@@ -11,7 +11,8 @@ older NumPy/Pillow).
 
 Not fixed here (handled where used): detectron2's ``launch``/``create_ddp_model`` assume CUDA, so
 gem_d2.engine has its own launcher and DDP wrapping; ``COCOEvaluator`` is never used with the
-compiled fast path (we call pycocotools directly).
+compiled fast path (we call pycocotools directly); ``default_setup``'s environment table needs
+``tolerate_missing_compiled_extension()`` (called by tools/train_net.py) on a build without ``_C``.
 """
 import builtins
 
@@ -29,3 +30,25 @@ def apply() -> None:
             setattr(np, name, value)
     if not hasattr(Image, "LINEAR"):
         Image.LINEAR = Image.BILINEAR
+
+
+def tolerate_missing_compiled_extension() -> None:
+    """Let ``default_setup`` run on a detectron2 built without ``_C`` (tools/bootstrap.py's stand-in).
+
+    Its environment table asks ``detectron2._C`` for the compiler version, which the stand-in refuses;
+    the table is informational only, so the gap is reported in it instead of failing the run. Idempotent.
+    """
+    from detectron2.engine import defaults
+
+    collect = defaults.collect_env_info
+    if getattr(collect, "_gem_tolerant", False):
+        return
+
+    def collect_env_info():
+        try:
+            return collect()
+        except NotImplementedError as e:
+            return f"(detectron2 environment table unavailable: {e})"
+
+    collect_env_info._gem_tolerant = True
+    defaults.collect_env_info = collect_env_info

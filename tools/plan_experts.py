@@ -21,10 +21,9 @@ import sys
 import gem_d2  # noqa: F401  (shims before detectron2)
 
 # isort: split
-from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 
-from gem_d2 import add_gem_config
+from gem_d2.engine.setup import build_cfg, prepare_datasets
 from gem_d2.planner import plan_from_cfg
 from gem_d2.planner.pipeline import PLAN_YAML, PROTOTYPES_NPZ
 
@@ -42,31 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_cfg(args):
-    """get_cfg + add_gem_config + the config file + command-line overrides."""
-    cfg = get_cfg()
-    add_gem_config(cfg)
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    return cfg
-
-
-def prepare_datasets(cfg) -> None:
-    """Generate/register the ``synth_*`` data when the config trains on it; register UODB under UODB_ROOT."""
-    from gem_d2.data import ensure_synthetic
-
-    if any(str(n).startswith("synth_") for n in cfg.DATASETS.TRAIN):
-        ensure_synthetic(cfg)
-    if cfg.DATASETS.UODB_ROOT:
-        from gem_d2.data import register_uodb
-
-        register_uodb(cfg.DATASETS.UODB_ROOT)
-
-
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    cfg = build_cfg(args)
+    cfg = build_cfg(args.config_file, args.opts)
     output = args.output or cfg.OUTPUT_DIR
     os.makedirs(output, exist_ok=True)
     setup_logger(output, name="gem_d2", abbrev_name="gem")
