@@ -8,7 +8,6 @@ DeepLesion reference detector (NIH CADLab ``lesion_detector_3DCE``, ``WINDOWING`
 0-255 and written as 8-bit grayscale PNG. No resampling to a common pixel spacing. Lesions the CSV flags
 ``Possibly_noisy`` are kept as difficult. Image ids are the CSV ``File_name`` without ``.png``.
 """
-import csv
 import os
 from collections import OrderedDict
 from typing import List, Tuple
@@ -16,6 +15,7 @@ from typing import List, Tuple
 import numpy as np
 
 from .base import Context, Converter, folder_stats
+from .csvio import csv_rows
 from .errors import SourceFormatError
 from .images import load_image
 from .records import Box
@@ -37,45 +37,29 @@ def window_to_uint8(raw: np.ndarray, window=WINDOW) -> np.ndarray:
 def parse_dl_info(path) -> "OrderedDict[str, Tuple[int, str, List[Box]]]":
     """Read ``DL_info.csv``: key-slice file name -> ``(first line, split, lesion boxes)``."""
     slices: OrderedDict[str, Tuple[int, str, List[Box]]] = OrderedDict()
-    with open(path, encoding="utf-8-sig", newline="") as f:  # tolerate a BOM
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise SourceFormatError(path, "empty file: expected a header line", 1)
-        header = [h.strip() for h in header]
-        missing = [c for c in COLUMNS if c not in header]
-        if missing:
-            raise SourceFormatError(path, f"header lacks column(s) {missing}", 1)
-        col = {c: header.index(c) for c in COLUMNS}
-        for row in reader:
-            line = reader.line_num
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) < len(header):
-                raise SourceFormatError(path, f"expected {len(header)} fields, got {len(row)}", line)
-            name, box_text, split_code, noisy = (row[col[c]].strip() for c in COLUMNS)
-            if not name.lower().endswith(".png") or "_" not in name:
-                raise SourceFormatError(path, f"File_name {name!r} is not '<patient>_<study>_<series>_<slice>.png'",
-                                        line)
-            if split_code not in SPLIT_OF:
-                raise SourceFormatError(path, f"Train_Val_Test must be 1, 2 or 3, got {split_code!r}", line)
-            try:
-                x1, y1, x2, y2 = (float(v) for v in box_text.split(","))
-                is_noisy = int(float(noisy or 0))
-            except ValueError:
-                raise SourceFormatError(path, f"Bounding_boxes must be 'x1, y1, x2, y2', got {box_text!r}",
-                                        line) from None
-            if x2 < x1 or y2 < y1:
-                raise SourceFormatError(path, f"box has x2 < x1 or y2 < y1: {box_text!r}", line)
-            box = Box("lesion", x1, y1, x2, y2, difficult=1 if is_noisy else 0)
-            if name in slices:
-                first, split, boxes = slices[name]
-                if split != SPLIT_OF[split_code]:
-                    raise SourceFormatError(path, f"{name} is in split {split} on line {first}, "
-                                            f"{SPLIT_OF[split_code]} here", line)
-                boxes.append(box)
-            else:
-                slices[name] = (line, SPLIT_OF[split_code], [box])
+    for line, (name, box_text, split_code, noisy) in csv_rows(path, COLUMNS):
+        if not name.lower().endswith(".png") or "_" not in name:
+            raise SourceFormatError(path, f"File_name {name!r} is not '<patient>_<study>_<series>_<slice>.png'",
+                                    line)
+        if split_code not in SPLIT_OF:
+            raise SourceFormatError(path, f"Train_Val_Test must be 1, 2 or 3, got {split_code!r}", line)
+        try:
+            x1, y1, x2, y2 = (float(v) for v in box_text.split(","))
+            is_noisy = int(float(noisy or 0))
+        except ValueError:
+            raise SourceFormatError(path, f"Bounding_boxes must be 'x1, y1, x2, y2', got {box_text!r}",
+                                    line) from None
+        if x2 < x1 or y2 < y1:
+            raise SourceFormatError(path, f"box has x2 < x1 or y2 < y1: {box_text!r}", line)
+        box = Box("lesion", x1, y1, x2, y2, difficult=1 if is_noisy else 0)
+        if name in slices:
+            first, split, boxes = slices[name]
+            if split != SPLIT_OF[split_code]:
+                raise SourceFormatError(path, f"{name} is in split {split} on line {first}, "
+                                        f"{SPLIT_OF[split_code]} here", line)
+            boxes.append(box)
+        else:
+            slices[name] = (line, SPLIT_OF[split_code], [box])
     if not slices:
         raise SourceFormatError(path, "no annotation rows")
     return slices

@@ -17,13 +17,13 @@ Coordinates are LISA's pixel corners, kept as they are (the UODB loader reads LI
 hash order until 20% of the frames, the rest to ``train``, so frames of one clip never straddle the split.
 Frames are PNG, linked as is; image ids are the frame paths with ``/`` replaced by ``__``.
 """
-import csv
 import os
 import re
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 from .base import Context, Converter, folder_stats
+from .csvio import csv_rows
 from .errors import SourceFormatError
 from .images import image_size
 from .records import Box
@@ -62,32 +62,16 @@ def parse_lisa_csv(path) -> "OrderedDict[str, List[Tuple[int, str, Box]]]":
     ``box.name`` is the UODB class, or ``""`` for a sign outside the four classes.
     """
     frames: OrderedDict[str, List[Tuple[int, str, Box]]] = OrderedDict()
-    with open(path, encoding="utf-8-sig", newline="") as f:  # tolerate a BOM
-        reader = csv.reader(f, delimiter=";")
-        header = next(reader, None)
-        if header is None:
-            raise SourceFormatError(path, "empty file: expected a header line", 1)
-        header = [h.strip() for h in header]
-        missing = [c for c in COLUMNS if c not in header]
-        if missing:
-            raise SourceFormatError(path, f"header lacks column(s) {missing}; got {header}", 1)
-        cols = [header.index(c) for c in COLUMNS]
-        for row in reader:
-            line = reader.line_num
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) < len(header):
-                raise SourceFormatError(path, f"expected {len(header)} ';'-separated fields, got {len(row)}", line)
-            filename, tag, *corners = (row[c].strip() for c in cols)
-            try:
-                x1, y1, x2, y2 = (float(v) for v in corners)
-            except ValueError:
-                raise SourceFormatError(path, f"non-numeric corner coordinates {corners}", line) from None
-            if not filename or not tag:
-                raise SourceFormatError(path, "empty Filename or Annotation tag", line)
-            if x2 < x1 or y2 < y1:
-                raise SourceFormatError(path, f"lower-right corner above/left of upper-left: {corners}", line)
-            frames.setdefault(filename, []).append((line, tag, Box(lisa_class(tag) or "", x1, y1, x2, y2)))
+    for line, (filename, tag, *corners) in csv_rows(path, COLUMNS, delimiter=";"):
+        try:
+            x1, y1, x2, y2 = (float(v) for v in corners)
+        except ValueError:
+            raise SourceFormatError(path, f"non-numeric corner coordinates {corners}", line) from None
+        if not filename or not tag:
+            raise SourceFormatError(path, "empty Filename or Annotation tag", line)
+        if x2 < x1 or y2 < y1:
+            raise SourceFormatError(path, f"lower-right corner above/left of upper-left: {corners}", line)
+        frames.setdefault(filename, []).append((line, tag, Box(lisa_class(tag) or "", x1, y1, x2, y2)))
     if not frames:
         raise SourceFormatError(path, "no annotation rows")
     return frames
