@@ -41,6 +41,7 @@ def test_dataset_router_picks_the_nearest_prototype_and_requires_prototypes():
 
 @pytest.fixture(scope="module")
 def routing_setup(tmp_path_factory):
+    previous = synthetic.registered_synthetic_root()  # restored afterwards: other fixtures registered it
     root = tmp_path_factory.mktemp("auto") / "gem_synth"
     synthetic.generate_synthetic(root, images_per_domain=8, test_images_per_domain=8, image_size=128, seed=1)
     synthetic.register_synthetic(root)
@@ -53,7 +54,7 @@ def routing_setup(tmp_path_factory):
     cfg.MODEL.GEM.PLANNER.SAMPLES_PER_UNIT = 8
     model = build_model(cfg).eval()
     yield cfg, model
-    synthetic.register_synthetic(synthetic.synthetic_root())
+    synthetic.register_synthetic(previous or synthetic.synthetic_root())
 
 
 def test_auto_routing_identifies_generated_domains(routing_setup):
