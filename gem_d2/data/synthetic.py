@@ -30,6 +30,7 @@ import numpy as np
 from .catalog import datasets_root
 from .synthetic_styles import STYLES, render_image
 from .voc import register_voc_dataset
+from .voc_xml import VocBox, voc_xml_text
 
 logger = logging.getLogger(__name__)
 
@@ -75,18 +76,6 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def _xml(domain: str, file_name: str, size: int, depth: int, boxes) -> str:
-    objects = "".join(
-        f"  <object>\n    <name>{cls}</name>\n    <pose>Unspecified</pose>\n    <truncated>0</truncated>\n"
-        f"    <difficult>0</difficult>\n    <bndbox>\n      <xmin>{x0 + 1}</xmin>\n      <ymin>{y0 + 1}</ymin>\n"
-        f"      <xmax>{x1 + 1}</xmax>\n      <ymax>{y1 + 1}</ymax>\n    </bndbox>\n  </object>\n"
-        for cls, x0, y0, x1, y1 in boxes
-    )
-    return (f"<annotation>\n  <folder>{domain}</folder>\n  <filename>{file_name}</filename>\n"
-            f"  <size>\n    <width>{size}</width>\n    <height>{size}</height>\n    <depth>{depth}</depth>\n"
-            f"  </size>\n{objects}</annotation>\n")
-
-
 def _write_domain(out_dir: str, domain_index: int, domain: str, counts: Dict[str, int], size: int, seed: int) -> dict:
     style = STYLES[domain]
     for sub in ("Annotations", os.path.join("ImageSets", "Main"), "JPEGImages"):
@@ -105,7 +94,7 @@ def _write_domain(out_dir: str, domain_index: int, domain: str, counts: Dict[str
                 image.save(os.path.join(out_dir, "JPEGImages", file_name), optimize=False)
             depth = 1 if image.mode == "L" else 3
             with open(os.path.join(out_dir, "Annotations", image_id + ".xml"), "w", encoding="utf-8") as f:
-                f.write(_xml(domain, file_name, size, depth, boxes))
+                f.write(voc_xml_text(domain, file_name, size, size, depth, [VocBox(*b) for b in boxes], 1.0))
             ids.append(image_id)
             n_boxes += len(boxes)
             for b in boxes:

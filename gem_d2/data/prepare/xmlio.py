@@ -6,8 +6,7 @@ reported as ``file:line``. Writing produces the minimal VOC XML the loader reads
 import os
 import xml.parsers.expat
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
-from xml.sax.saxutils import escape
+from typing import List, Optional
 
 from .errors import SourceFormatError
 from .records import Box
@@ -114,28 +113,6 @@ def parse_voc_xml(path) -> VocAnnotation:
     folder_node, file_node = root.find("folder"), root.find("filename")
     return VocAnnotation(folder_node.text.strip() if folder_node is not None else "",
                          file_node.text.strip() if file_node is not None else "", width, height, boxes)
-
-
-def format_number(value: float) -> str:
-    """Shortest fixed-point text of ``value`` with at most 3 decimals (``12.0`` -> ``"12"``)."""
-    text = f"{value:.3f}".rstrip("0").rstrip(".")
-    return "0" if text in ("-0", "") else text
-
-
-def voc_xml_text(folder: str, filename: str, width: int, height: int, depth: int, boxes: Sequence[Box],
-                 coordinate_offset: float) -> str:
-    """VOC XML for one image; ``coordinate_offset`` is added to every coordinate (the loader subtracts it)."""
-    lines = ["<annotation>", f"  <folder>{escape(folder)}</folder>", f"  <filename>{escape(filename)}</filename>",
-             "  <size>", f"    <width>{width}</width>", f"    <height>{height}</height>", f"    <depth>{depth}</depth>",
-             "  </size>"]
-    for b in boxes:
-        lines += ["  <object>", f"    <name>{escape(b.name)}</name>", f"    <difficult>{b.difficult}</difficult>",
-                  "    <bndbox>"]
-        for tag, v in zip(("xmin", "ymin", "xmax", "ymax"), (b.x1, b.y1, b.x2, b.y2)):
-            lines.append(f"      <{tag}>{format_number(v + coordinate_offset)}</{tag}>")
-        lines += ["    </bndbox>", "  </object>"]
-    lines.append("</annotation>")
-    return "\n".join(lines) + "\n"
 
 
 def write_text(path, text: str) -> None:
