@@ -18,6 +18,7 @@ from .affinity import (
     build_frozen_backbone,
     compute_affinity,
 )
+from .extend import ExtensionPlan, expert_keys_from_mapping, plan_new_units
 from .kmeans import kmeans
 from .lp import solve_lp, solve_milp
 from .mapping import GemMapping
@@ -27,6 +28,7 @@ from .problem import PlanInfeasibleError, PlanProblem, build_problem
 from .report import format_plan_table, plan_summary, save_heatmap, write_report
 
 __all__ = [
+    "ExtensionPlan", "expert_keys_from_mapping", "plan_new_units",
     "AffinityResult", "ExpertPlan", "FeatureExtractor", "GemMapping", "PlanInfeasibleError", "PlanProblem",
     "ROUNDINGS", "affinity_from_features", "affinity_from_prototypes", "build_frozen_backbone", "build_problem",
     "compile_assignment", "compute_affinity", "dataset_load_shares", "format_plan_table", "kmeans", "plan_from_cfg",
