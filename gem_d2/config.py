@@ -96,6 +96,9 @@ def _add_gem(cfg: CN) -> None:
     g.ADAPT = a = CN()
     a.NEW_EXPERTS = 0  # experts appended for a new domain in tools/adapt.py
     a.SHOTS = 10  # K-shot per class for the new domain
+    a.SEED = 0  # seed of the K-shot sample
+    a.MAX_ITER = 100  # fine-tuning iterations (constant LR, batch SOLVER.IMS_PER_BATCH)
+    a.BASE_LR = 0.0002  # fine-tuning learning rate
 
 
 def _add_data(cfg: CN) -> None:

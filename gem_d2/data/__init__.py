@@ -15,7 +15,7 @@ Your own datasets: :func:`register_voc_dataset` (UODB/VOC layout) or :func:`regi
 from .build import build_gem_test_loader, build_gem_train_loader, dataset_sampling_weights, load_gem_datasets
 from .catalog import UnknownDatasetError, dataset_domain, datasets_root
 from .coco import register_coco_dataset
-from .fewshot import few_shot_name, few_shot_records, register_few_shot
+from .fewshot import few_shot_name, few_shot_records, register_few_shot, register_few_shot_names
 from .label_space import UnifiedLabelSpace, dataset_classes, recorded_block
 from .mapper import GemDatasetMapper, ImageReadError, read_image_checked
 from .registration import register_datasets_from_cfg
@@ -35,7 +35,7 @@ from .uodb import UODB_DATASETS, register_uodb, uodb_dataset_names
 from .voc import DatasetFormatError, VocLoadStats, load_voc_instances, register_voc_dataset, register_voc_sources
 
 __all__ = [
-    "few_shot_name", "few_shot_records", "register_few_shot",
+    "few_shot_name", "few_shot_records", "register_few_shot", "register_few_shot_names",
     "DOMAINS", "DOMAIN_CLASSES", "DOMAIN_IMAGE_EXT", "RARE_DOMAIN", "UODB_DATASETS", "DatasetFormatError",
     "GemDatasetMapper", "ImageReadError", "MultiDatasetTrainingSampler", "UnifiedLabelSpace", "UnknownDatasetError",
     "VocLoadStats", "build_gem_test_loader", "build_gem_train_loader", "dataset_classes", "dataset_domain",

@@ -5,19 +5,22 @@ that contain it (a seeded shuffle of the images holding the class; images alread
 every class they contain), so each class has at least ``min(shots, images holding it)`` training images;
 picked images keep all their boxes. ``register_few_shot(source, shots, seed)`` registers the subset as
 ``<source>_<K>shot_seed<S>`` with the source's metadata and domain, so the source's test split evaluates
-with the same class block.
+with the same class block. ``register_few_shot_names(names)`` re-registers such names found in a config
+(e.g. an adapted model's ``config.yaml`` in a new process).
 """
 from __future__ import annotations
 
 import copy
 import random
+import re
 from typing import List, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .catalog import dataset_domain, require_registered, unregister
 
-__all__ = ["few_shot_records", "few_shot_name", "register_few_shot"]
+__all__ = ["few_shot_records", "few_shot_name", "register_few_shot", "register_few_shot_names"]
+_NAME = re.compile(r"^(?P<source>.+)_(?P<shots>\d+)shot_seed(?P<seed>\d+)$")
 
 
 def few_shot_records(records: Sequence[dict], num_classes: int, shots: int, seed: int = 0) -> List[dict]:
@@ -76,3 +79,16 @@ def register_few_shot(source: str, shots: int, seed: int = 0) -> str:
     MetadataCatalog.get(name).set(**keep, domain=domain, few_shot_source=source, shots=int(shots),
                                   few_shot_seed=int(seed))
     return name
+
+
+def register_few_shot_names(names: Sequence[str]) -> List[str]:
+    """Register every unregistered ``<source>_<K>shot_seed<S>`` name whose source is registered; returns them."""
+    done = []
+    registered = set(DatasetCatalog.list())
+    for name in names:
+        m = _NAME.match(str(name))
+        if name in registered or m is None or m.group("source") not in registered:
+            continue
+        register_few_shot(m.group("source"), int(m.group("shots")), int(m.group("seed")))
+        done.append(name)
+    return done

@@ -6,6 +6,7 @@
 - :func:`resolve_gem_mapping`: the mapping from config, checkpoint or planner, before the model is built.
 - :func:`build_gem_optimizer`: AdamW/SGD with backbone LR multiplier, no decay on norms/biases/embeddings.
 """
+from .adaptation import AdaptTrainer, adapted_config, load_extended_weights, select_trainable
 from .checkpoint import (
     MAPPING_KEY,
     PROTOTYPES_KEY,
@@ -24,6 +25,7 @@ from .routing_prototypes import RoutingPrototypesHook, compute_routing_prototype
 from .trainer import GemAMPTrainer, GemTrainer, amp_dtype
 
 __all__ = [
+    "AdaptTrainer", "adapted_config", "load_extended_weights", "select_trainable",
     "MAPPING_KEY",
     "PROTOTYPES_KEY",
     "GemAMPTrainer",

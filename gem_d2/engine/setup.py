@@ -5,7 +5,7 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.utils import comm
 
 from ..config import add_gem_config
-from ..data import ensure_synthetic, register_uodb
+from ..data import ensure_synthetic, register_few_shot_names, register_uodb
 
 
 def build_cfg(config_file: str, opts) -> CfgNode:
@@ -18,7 +18,8 @@ def build_cfg(config_file: str, opts) -> CfgNode:
 
 
 def prepare_datasets(cfg: CfgNode) -> None:
-    """Generate the ``synth_*`` data if the config uses it (once per machine); register UODB under UODB_ROOT."""
+    """Generate the ``synth_*`` data if the config uses it (once per machine); register UODB under UODB_ROOT
+    and the K-shot subsets (``<source>_<K>shot_seed<S>``) the config names."""
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     if any(str(n).startswith("synth_") for n in names):
         if comm.get_local_rank() == 0:
@@ -28,3 +29,4 @@ def prepare_datasets(cfg: CfgNode) -> None:
             ensure_synthetic(cfg)  # finds the data written above; registers it in this process
     if cfg.DATASETS.UODB_ROOT:
         register_uodb(cfg.DATASETS.UODB_ROOT)
+    register_few_shot_names(names)  # K-shot subsets named in an adapted model's config

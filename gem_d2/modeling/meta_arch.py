@@ -37,7 +37,7 @@ from .ffn import MoESpec
 from .matcher import HungarianMatcher
 from .neck import ChannelMapper
 from .position_encoding import PositionEmbeddingSine
-from .transformer import build_dino_transformer
+from .transformer import BlockwiseLinear, build_dino_transformer
 
 __all__ = ["GEMDINO", "build_moe_spec"]
 
@@ -105,6 +105,9 @@ class GEMDINO(nn.Module):
                                  False)
             channels = 2 * sum(backbone.output_shape()[f].channels for f in self.in_features)  # mean + std
             self.auto_router = DatasetRouter(len(self.dataset_names), channels)
+            for head in self.dino.modules():
+                if isinstance(head, BlockwiseLinear):
+                    head.set_blocks(dataset_blocks)
 
     @classmethod
     def from_config(cls, cfg):

@@ -57,8 +57,42 @@ class MLP(nn.Module):
         return x
 
 
-def _class_head(d_model: int, num_classes: int) -> nn.Linear:
-    head = nn.Linear(d_model, num_classes)
+class BlockwiseLinear(nn.Linear):
+    """nn.Linear whose output rows are computed in blocks (``split_sizes``, default one block of all rows).
+
+    Same parameters and result as nn.Linear; one matmul per class block makes a block's logits bit-identical
+    whatever other blocks the layer has (a GEMM's rounding depends on its output width), so appending a
+    dataset's class block (few-shot adaptation) leaves the old datasets' outputs exactly unchanged.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features)
+        self.split_sizes: Tuple[int, ...] = (out_features,)
+
+    def set_blocks(self, blocks: Sequence[Sequence[int]]) -> None:
+        """Use the contiguous ``(start, stop)`` blocks; rows they do not cover form blocks of their own."""
+        sizes, at = [], 0
+        for start, stop in sorted((int(a), int(b)) for a, b in blocks):
+            if start < at or stop > self.out_features or start >= stop:
+                raise ValueError(f"class blocks {list(blocks)} must be disjoint, non-empty and within "
+                                 f"[0, {self.out_features})")
+            if start > at:
+                sizes.append(start - at)
+            sizes.append(stop - start)
+            at = stop
+        if at < self.out_features:
+            sizes.append(self.out_features - at)
+        self.split_sizes = tuple(sizes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if len(self.split_sizes) == 1:
+            return super().forward(x)
+        return torch.cat([F.linear(x, w, b) for w, b in zip(self.weight.split(self.split_sizes),
+                                                              self.bias.split(self.split_sizes))], dim=-1)
+
+
+def _class_head(d_model: int, num_classes: int) -> BlockwiseLinear:
+    head = BlockwiseLinear(d_model, num_classes)
     nn.init.constant_(head.bias, -math.log((1 - _PRIOR_PROB) / _PRIOR_PROB))
     return head
 
