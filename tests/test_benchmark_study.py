@@ -1,0 +1,86 @@
+"""tools/benchmark.py study: the router comparison end to end at --quick size, and its statistics."""
+import gem_d2  # noqa: F401,I001  (compat shims before detectron2)
+
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+study = _load("bench_study")
+
+
+def test_mutual_information_hand_computed():
+    # independent dataset and expert: 0 bits
+    assert study.mutual_information_bits([[2, 2], [1, 1]]) == pytest.approx(0.0, abs=1e-12)
+    # a permutation with uniform datasets: log2(3) bits
+    assert study.mutual_information_bits(np.eye(3)[[2, 0, 1]] * 7) == pytest.approx(math.log2(3))
+    # p = [[1/2, 0], [1/4, 1/4]]: H(E) - H(E|D) = H(3/4) - 1/2 * 1
+    h = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert study.mutual_information_bits([[2, 0], [1, 1]]) == pytest.approx(h - 0.5)
+    assert study.mutual_information_bits(np.zeros((2, 3))) == 0.0
+    with pytest.raises(ValueError, match="non-negative 2-D"):
+        study.mutual_information_bits([[1, -1]])
+
+
+def test_verdict_words():
+    v = study._verdict((50.0, 1.0), (40.0, 1.0))
+    assert v["word"] == "beats" and v["beyond_spread"] and v["difference"] == 10.0
+    v = study._verdict((40.0, 3.0), (41.0, 4.0))
+    assert v["word"] == "does not beat" and not v["beyond_spread"] and v["spread"] == pytest.approx(5.0)
+
+
+def test_study_quick_end_to_end(tmp_path, capsys):
+    bench = _load("benchmark")
+    out = tmp_path / "study"
+    argv = ["study", "--quick", "--routers", "gem,dense,damex", "--output-dir", str(out)]
+    bench.main(argv)
+    result = json.loads((out / "study.json").read_text())
+    assert result["routers"] == ["gem", "dense", "damex"] and result["seeds"] == [0, 1] and result["quick"]
+    assert len(result["runs"]) == 6
+    domains = result["domains"]
+    assert len(domains) == 5 and study.RARE in domains
+    for r in result["routers"]:
+        s = result["summary"][r]
+        for d in domains:
+            mean, std = s["ap50"][d]
+            assert 0.0 <= mean <= 100.0 and std >= 0.0
+        runs = [x for x in result["runs"] if x["router"] == r]
+        # the average is the unweighted mean of the per-domain AP50s of each run
+        for x in runs:
+            assert x["avg_ap50"] == pytest.approx(np.mean([x["ap50"][d] for d in domains]), abs=1e-9)
+        assert s["avg_ap50"][0] == pytest.approx(np.mean([x["avg_ap50"] for x in runs]))
+    # dense has no expert layer; gem's fixed mapping sends each dataset to one of 4 experts
+    assert result["summary"]["dense"]["mi_bits"] == {}
+    gem_mi = result["summary"]["gem"]["mi_bits"]["decoder.0"][0]
+    assert 0.5 < gem_mi <= 2.0 + 1e-9
+    assert [v["baseline"] for v in result["verdicts"]] == ["dense", "damex"]
+    text = (out / "study.md").read_text()
+    assert "GEM" in text and "vs **damex**" in text and "rare domain" in text
+    assert (out / "study_ap50.png").stat().st_size > 0 and (out / "study_specialisation.png").stat().st_size > 0
+    # a second invocation finds every run finished and reproduces the same table without training
+    capsys.readouterr()
+    bench.main(argv)
+    printed = capsys.readouterr().out
+    assert "training 2 iterations" not in printed and printed.count("finished earlier") == 6
+    again = json.loads((out / "study.json").read_text())
+    assert again["summary"] == result["summary"]
+    assert again["minutes"] < 0.5
+
+
+def test_study_rejects_unknown_router(tmp_path):
+    bench = _load("benchmark")
+    with pytest.raises(SystemExit, match="unknown"):
+        bench.main(["study", "--quick", "--routers", "gem,bogus", "--output-dir", str(tmp_path)])
