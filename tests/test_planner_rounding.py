@@ -1,5 +1,8 @@
-"""Compilers: hierarchical rounding (hand-computed steps), repair pass, Shmoys–Tardos guarantees, exact MILP,
-every unit assigned, k > 1, m < n and m > n, overflow reported, determinism."""
+"""Compilers: hierarchical rounding (hand-computed steps), repair pass, improvement pass (against brute force),
+Shmoys–Tardos guarantees, exact MILP, every unit assigned, k > 1, m < n and m > n, overflow reported,
+determinism."""
+import itertools
+
 import gem_d2  # noqa: F401  (shims before detectron2)
 
 # isort: split
@@ -7,7 +10,7 @@ import numpy as np
 import pytest
 
 from gem_d2.planner import GemMapping, PlanInfeasibleError, build_problem, plan_mapping, solve_lp
-from gem_d2.planner.repair import assignment_key, repair_assignment
+from gem_d2.planner.repair import assignment_key, improve_assignment, repair_assignment
 from gem_d2.planner.rounding import hierarchical_round
 from gem_d2.planner.shmoys_tardos import shmoys_tardos_round
 
@@ -76,6 +79,102 @@ def test_repair_prefers_cheaper_swap_over_costlier_move():
     assert p.overflow(got).sum() == 0
 
 
+def test_improvement_trades_total_overflow_for_objective_below_worst_overflow():
+    # Loads 1, 1, 1, 1, 0.5 on 3 experts of capacity 1.5: no feasible mapping; the least total overflow (0.5) pairs
+    # two unit loads on one expert and puts the 0.5 unit with a 1. Each unit's preferred expert gives two pairs
+    # (overflow 0.5 on two experts): the same worst overflow, objective 5 instead of 4.
+    w = np.array([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    s = np.array([1.0, 1.0, 1.0, 1.0, 0.5])
+    p = build_problem(w, s, capacities=[1.5] * 3, beta=0.0)
+    raw = hierarchical_round(p, solve_lp(p).x)
+    repaired = repair_assignment(p, raw, improve=False)
+    assert p.overflow(repaired).sum() == pytest.approx(0.5) and p.value(repaired) == pytest.approx(4.0)
+    got = repair_assignment(p, raw)
+    np.testing.assert_array_equal(got.argmax(axis=1), [0, 0, 1, 1, 2])
+    np.testing.assert_allclose(p.overflow(got), [0.5, 0.5, 0.0])
+    # tolerance=0 asks for capacity first: the overflow stays at the least total, objective cannot rise.
+    assert p.overflow(improve_assignment(p, repaired, tolerance=0.0)).sum() == pytest.approx(0.5)
+
+
+def _loads_by_loop(a, s, n):
+    out = [0.0] * n
+    for u, row in enumerate(a):
+        for j in range(n):
+            if row[j] > 0.5:
+                out[j] += float(s[u])
+    return np.array(out)
+
+
+def _brute(w, s, ceiling, no_dead):
+    """Every k=1 assignment (as expert index tuples) within the ceilings and with no dead expert when required."""
+    m, n = w.shape
+    for choice in itertools.product(range(n), repeat=m):
+        a = np.zeros((m, n))
+        a[np.arange(m), choice] = 1
+        if np.all(_loads_by_loop(a, s, n) <= ceiling + 1e-9) and not (no_dead and len(set(choice)) < n):
+            yield choice, float(np.sum(w[np.arange(m), choice]))
+
+
+def test_improvement_pass_against_brute_force():
+    """On tiny instances (k = 1, beta = 0, so the objective is the summed affinity), checked independently of the
+    planner's own bookkeeping: the pass keeps every expert within capacity + the repaired plan's worst overflow,
+    never lowers the objective nor revives / kills experts wrongly, ends where no single move or pairwise swap
+    improves within those ceilings, never beats the brute-force optimum and mostly reaches it."""
+    optimal = total = 0
+    for w, s in random_instances(40, seed=7, m_range=(3, 8), n_range=(2, 4)):
+        m, n = w.shape
+        p = build_problem(w, s, slack=0.1, beta=0.0)
+        raw = hierarchical_round(p, solve_lp(p).x)
+        repaired = repair_assignment(p, raw, improve=False)
+        a = repair_assignment(p, raw)
+        np.testing.assert_array_equal(a.sum(axis=1), 1)
+        cap = np.full(n, 1.1 * s.sum() / n)
+        tolerance = max(0.0, float((_loads_by_loop(repaired, s, n) - cap).max()))
+        ceiling = cap + tolerance
+        assert np.all(_loads_by_loop(a, s, n) <= ceiling + 1e-9)
+        no_dead = m >= n
+
+        def dead(x, no_dead=no_dead):
+            return int(no_dead and (x.sum(axis=0) == 0).sum())
+
+        assert dead(a) <= dead(repaired)
+        value = float(np.sum(w * a))
+        assert value >= float(np.sum(w * repaired)) - 1e-12 or dead(a) < dead(repaired)
+        # Local optimum: no single move or pairwise swap improves within the ceilings (dead experts not increased).
+        choice = a.argmax(axis=1)
+        neighbours = [(u, q, None, None) for u in range(m) for q in range(n) if q != choice[u]]
+        neighbours += [(u, choice[v], v, choice[u])
+                       for u in range(m) for v in range(u + 1, m) if choice[u] != choice[v]]
+        for u, q, v, r in neighbours:
+            c = choice.copy()
+            c[u] = q
+            if v is not None:
+                c[v] = r
+            b = np.zeros((m, n))
+            b[np.arange(m), c] = 1
+            if np.all(_loads_by_loop(b, s, n) <= ceiling + 1e-9) and dead(b) <= dead(a):
+                assert float(np.sum(w * b)) <= value + 1e-9, (u, q, v, r)
+        if dead(a) == 0:
+            best = max(v for _, v in _brute(w, s, ceiling, no_dead))
+            assert value <= best + 1e-9
+            optimal += value >= best - 1e-9
+            total += 1
+    assert total >= 30 and optimal >= 0.85 * total, (optimal, total)
+
+
+def test_improvement_kicks_never_hurt_and_sometimes_help():
+    helped = 0
+    for w, s in random_instances(30, seed=11):
+        p = build_problem(w, s, slack=0.1, beta=0.0)
+        repaired = repair_assignment(p, hierarchical_round(p, solve_lp(p).x), improve=False)
+        plain = improve_assignment(p, repaired, kicks=0)
+        kicked = improve_assignment(p, repaired)
+        assert p.value(kicked) >= p.value(plain) - 1e-12 >= p.value(repaired) - 2e-12
+        assert p.overflow(kicked).max() <= p.overflow(repaired).max() + 1e-9
+        helped += p.value(kicked) > p.value(plain) + 1e-9
+    assert helped >= 1
+
+
 def random_instances(count, seed, m_range=(4, 16), n_range=(2, 9)):
     rng = np.random.default_rng(seed)
     for _ in range(count):
@@ -98,11 +197,15 @@ def test_hierarchical_feasible_or_reported_and_never_worse_than_rounding():
         p = build_problem(w, s, slack=0.1, beta=0.0)
         lp = solve_lp(p)
         raw = hierarchical_round(p, lp.x)
+        repaired = repair_assignment(p, raw, improve=False)
+        assert assignment_key(p, repaired) <= assignment_key(p, raw)  # repair never worsens the rounding
         plan = plan_mapping(w, s, slack=0.1, beta=0.0, milp=False)
         a = plan.assignment
+        np.testing.assert_array_equal(a, repair_assignment(p, raw))  # the default compiler = rounding + both passes
         np.testing.assert_array_equal(a.sum(axis=1), 1)  # every unit assigned
         assert plan.overflow.max() <= s.max() + 1e-9  # within the largest unit load
-        assert assignment_key(p, a) <= assignment_key(p, raw)  # repair never worsens the rounding
+        assert plan.overflow.max() <= p.overflow(repaired).max() + 1e-9  # improvement keeps the worst overflow
+        assert p.value(a) >= p.value(repaired) - 1e-12
         report = plan.report()
         assert report["total_overflow"] == pytest.approx(float(plan.overflow.sum()))
         assert report["all_units_assigned"]

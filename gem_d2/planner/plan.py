@@ -105,7 +105,8 @@ def compile_assignment(p: PlanProblem, x_lp: np.ndarray, rounding: str, milp: Op
                        repair: bool = True) -> np.ndarray:
     """Turn an LP solution into a 0/1 mapping with the named compiler.
 
-    "hierarchical": DESIGN §1 steps 1-3 then the capacity-repair/swap pass (``repair=False`` skips it);
+    "hierarchical": DESIGN §1 steps 1-3 then the capacity-repair and improvement passes (:mod:`.repair`;
+    ``repair=False`` skips both);
     "shmoys_tardos": the yardstick rounding, unrepaired; "exact": the MILP optimum (``milp`` must be given).
     """
     if rounding == "hierarchical":
