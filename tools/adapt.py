@@ -30,6 +30,7 @@ import time
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from gem_d2.data import UnifiedLabelSpace, register_few_shot
@@ -125,6 +126,7 @@ def adapt(args) -> dict:
     setup_logger(out_dir, name="detectron2", abbrev_name="d2")
     cfg.MODEL.WEIGHTS = args.weights
     cfg.OUTPUT_DIR = out_dir
+    seed_all_rng(int(cfg.SEED) if int(cfg.SEED) >= 0 else int(a.SEED))  # new class rows' init, data order
     resolve_gem_mapping(cfg, resume=False, eval_only=True)  # the trained mapping, from the config or checkpoint
     few = register_few_shot(args.new_dataset, shots, int(a.SEED))
     logger.info(f"{few}: {len(DatasetCatalog.get(few))} images ({shots}-shot per class, seed {a.SEED})")
