@@ -1,4 +1,4 @@
-"""Auto test-time routing: pooled features, nearest-prototype choice, and the ≥95% target on generated domains."""
+"""Auto test-time routing: pooled features, the dataset classifier (and nearest-prototype rule), generated domains."""
 import gem_d2  # noqa: F401  (compat shims before detectron2)
 
 # isort: split
@@ -29,7 +29,7 @@ def test_pooled_features_average_only_valid_cells():
 
 def test_dataset_router_picks_the_nearest_prototype_and_requires_prototypes():
     router = DatasetRouter(3, 2)
-    with pytest.raises(RuntimeError, match="no dataset prototypes"):
+    with pytest.raises(RuntimeError, match="no dataset classifier"):
         router(torch.ones(1, 2))
     with pytest.raises(ValueError, match=r"shape \(3, 2\)"):
         router.set_prototypes(torch.ones(2, 2))
@@ -37,6 +37,34 @@ def test_dataset_router_picks_the_nearest_prototype_and_requires_prototypes():
     feats = torch.nn.functional.normalize(torch.tensor([[0.9, 0.1], [0.2, 0.8], [-0.5, -0.6]]), dim=1)
     assert router(feats).tolist() == [0, 1, 2]
     assert router.state_dict()["ready"].item() is True  # persistent: checkpoints carry the prototypes
+
+
+def test_dataset_router_fit_separates_datasets_with_balanced_weights():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0]])
+    sizes = [60, 60, 4]  # dataset 2 is rare: balanced weights keep it from being swallowed
+    x = torch.cat([c + 0.5 * torch.randn(n, 3, generator=gen) for c, n in zip(centres, sizes)])
+    y = torch.cat([torch.full((n,), d) for d, n in enumerate(sizes)])
+    router = DatasetRouter(3, 3)
+    assert router.fit(x, y) == 1.0
+    test = centres + 0.3 * torch.randn(3, 3, generator=gen)
+    assert router(test).tolist() == [0, 1, 2]
+    # deterministic: a second fit gives the same classifier, bit for bit
+    again = DatasetRouter(3, 3)
+    again.fit(x, y)
+    assert torch.equal(router.weight, again.weight) and torch.equal(router.bias, again.bias)
+    with pytest.raises(ValueError, match=r"every one of the 3 datasets.*\[60, 60, 0\]"):
+        DatasetRouter(3, 3).fit(x[:120], y[:120])
+    with pytest.raises(ValueError, match=r"features \(N, 3\)"):
+        DatasetRouter(3, 3).fit(x[:, :2], y)
+
+
+def test_dataset_router_loads_nearest_prototype_checkpoints():
+    old = {"prototypes": torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "ready": torch.tensor(True)}
+    router = DatasetRouter(2, 2)
+    router.load_state_dict(old)
+    assert torch.equal(router.weight, old["prototypes"]) and torch.equal(router.bias, torch.zeros(2))
+    assert not bool(router.ready)  # GemTrainer.test fits the classifier before routing with it
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,7 @@ def load_extended_weights(model: nn.Module, state: Dict[str, torch.Tensor], old_
     """Load a trained model's ``state`` (its ``model`` state dict) into the extended ``model``.
 
     Same-shape tensors are copied. Class-row tensors (:data:`CLASS_ROW_PARAMS`) get the old rows
-    ``[:old_num_classes]``; the auto-routing prototypes their old dataset rows; expert banks get the old
+    ``[:old_num_classes]``; the auto-routing classifier is left to be refitted; expert banks get the old
     experts ``[:old_num_experts]`` and the appended ones a copy of expert ``init_new_experts_from``.
     Any other difference (or a missing key) is an error naming it.
     """
@@ -98,8 +98,8 @@ def load_extended_weights(model: nn.Module, state: Dict[str, torch.Tensor], old_
             dst.copy_(src)
         elif CLASS_ROW_PARAMS.search(key) and src.shape[0] == old_num_classes and src.shape[1:] == dst.shape[1:]:
             dst[:old_num_classes].copy_(src)
-        elif key.endswith("auto_router.prototypes") and src.shape[0] < dst.shape[0] and src.shape[1:] == dst.shape[1:]:
-            dst[: src.shape[0]].copy_(src)  # one row per training dataset; the new rows are computed after training
+        elif ".auto_router." in key or key.startswith("auto_router."):
+            pass  # one row per training dataset: refitted for every dataset at the end of fine-tuning
         elif _EXPERT_PARAMS.search(key) and src.shape[0] == old_num_experts and src.shape[1:] == dst.shape[1:]:
             dst[:old_num_experts].copy_(src)
             if init_new_experts_from is not None:

@@ -22,11 +22,11 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def compute_routing_prototypes(model, cfg, samples_per_dataset: Optional[int] = None, batch_size: int = 4):
-    """Install in ``model.auto_router`` the (D, C) mean backbone feature of each training dataset.
+    """Fit ``model.auto_router``'s dataset classifier on the pooled backbone features of the training datasets.
 
     Samples ``samples_per_dataset`` (default ``MODEL.GEM.PLANNER.SAMPLES_PER_UNIT``) images per
-    dataset with ``MODEL.GEM.PLANNER.SEED``, at test-time resolution. Returns the prototypes tensor,
-    or None when the model has no dataset router (no label space).
+    dataset with ``MODEL.GEM.PLANNER.SEED``, at test-time resolution. Returns the (D, C) mean feature of
+    each dataset (its prototype), or None when the model has no dataset router (no label space).
     """
     model = unwrap_model(model)
     if getattr(model, "auto_router", None) is None:
@@ -35,7 +35,7 @@ def compute_routing_prototypes(model, cfg, samples_per_dataset: Optional[int] = 
     mapper = GemDatasetMapper(cfg, is_train=False)
     was_training = model.training
     model.eval()
-    protos = []
+    feats, labels = [], []
     try:
         for d, name in enumerate(model.dataset_names):
             records = DatasetCatalog.get(name)
@@ -43,17 +43,18 @@ def compute_routing_prototypes(model, cfg, samples_per_dataset: Optional[int] = 
                 raise ValueError(f"dataset {name!r} has no images: cannot compute its routing prototype")
             rng = np.random.RandomState(cfg.MODEL.GEM.PLANNER.SEED + d)
             picks = sorted(rng.choice(len(records), size=min(n, len(records)), replace=False).tolist())
-            feats = []
             for start in range(0, len(picks), batch_size):
                 batch = [mapper(records[i]) for i in picks[start:start + batch_size]]
                 images, _ = model.preprocess_image(batch)
                 feats.append(model.image_features(model.backbone(images.tensor), images))
-            protos.append(torch.cat(feats).mean(0))
-        prototypes = torch.stack(protos)
-        model.auto_router.set_prototypes(prototypes)
+                labels.append(torch.full((len(batch),), d, dtype=torch.long))
+        feats, labels = torch.cat(feats), torch.cat(labels)
+        prototypes = torch.stack([feats[labels == d].mean(0) for d in range(len(model.dataset_names))])
+        accuracy = model.auto_router.fit(feats, labels)
     finally:
         model.train(was_training)
-    logger.info(f"auto-routing prototypes computed for {len(protos)} datasets ({n} images each at most)")
+    logger.info(f"auto-routing classifier fitted on {len(labels)} images of {len(model.dataset_names)} datasets "
+                f"({n} each at most; training accuracy {accuracy:.3f})")
     return prototypes
 
 
