@@ -83,11 +83,12 @@ def load_extended_weights(model: nn.Module, state: Dict[str, torch.Tensor], old_
     """Load a trained model's ``state`` (its ``model`` state dict) into the extended ``model``.
 
     Same-shape tensors are copied. Class-row tensors (:data:`CLASS_ROW_PARAMS`) get the old rows
-    ``[:old_num_classes]``; the auto-routing classifier is left to be refitted; expert banks get the old
-    experts ``[:old_num_experts]`` and the appended ones a copy of expert ``init_new_experts_from``.
+    ``[:old_num_classes]``; expert banks get the old experts ``[:old_num_experts]`` and the appended ones a
+    copy of expert ``init_new_experts_from``; the auto-routing classifier is not loaded (refitted after training).
     Any other difference (or a missing key) is an error naming it.
     """
     target = unwrap_model(model).state_dict()
+    target = {k: v for k, v in target.items() if "auto_router." not in k}
     missing = [k for k in target if k not in state]
     if missing:
         raise KeyError(f"checkpoint lacks {len(missing)} tensors of the adapted model, e.g. {missing[:3]}: it is not "
@@ -98,8 +99,6 @@ def load_extended_weights(model: nn.Module, state: Dict[str, torch.Tensor], old_
             dst.copy_(src)
         elif CLASS_ROW_PARAMS.search(key) and src.shape[0] == old_num_classes and src.shape[1:] == dst.shape[1:]:
             dst[:old_num_classes].copy_(src)
-        elif ".auto_router." in key or key.startswith("auto_router."):
-            pass  # one row per training dataset: refitted for every dataset at the end of fine-tuning
         elif _EXPERT_PARAMS.search(key) and src.shape[0] == old_num_experts and src.shape[1:] == dst.shape[1:]:
             dst[:old_num_experts].copy_(src)
             if init_new_experts_from is not None:
