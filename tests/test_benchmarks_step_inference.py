@@ -1,0 +1,90 @@
+"""tools/benchmark.py step and inference end to end (through the dispatcher's main) at a tiny size.
+
+A tiny GEM-DINO (hidden 32, 1+3 layers, 96 px, 10 queries, batch 2) on the session's small generated
+data; one timed round, no warm-up. Checks the JSON: a row per router / per (routing, batch), positive
+times, the dense row's ratios exactly 1.0, and peak memory from the per-router subprocesses.
+"""
+import gem_d2  # noqa: F401,I001  (compat shims before detectron2)
+
+import importlib.util
+import json
+import math
+import os
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+ROUTERS = ["dense", "dense-moe", "gem", "topk", "softmoe", "remoe", "moepp", "damex"]
+
+
+def _dispatcher():
+    spec = importlib.util.spec_from_file_location("benchmark_dispatcher", os.path.join(REPO, "tools", "benchmark.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tiny_opts(summary):
+    p = summary["params"]
+    return [
+        "DATASETS.SYNTH.ROOT", summary["root"], "DATASETS.SYNTH.IMAGES_PER_DOMAIN", str(p["images_per_domain"]),
+        "DATASETS.SYNTH.TEST_IMAGES_PER_DOMAIN", str(p["test_images_per_domain"]),
+        "DATASETS.SYNTH.IMAGE_SIZE", str(p["image_size"]), "DATASETS.SYNTH.SEED", str(p["seed"]),
+        "MODEL.DINO.HIDDEN_DIM", "32", "MODEL.DINO.DIM_FEEDFORWARD", "64", "MODEL.DINO.ENC_LAYERS", "1",
+        "MODEL.DINO.NUM_QUERIES", "10", "MODEL.DINO.DN_NUMBER", "10", "MODEL.DINO.NUM_SELECT", "20",
+        "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "96",
+        "INPUT.MAX_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "2",
+    ]
+
+
+def _positive(*values):
+    return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
+
+
+def test_step_benchmark_rows_per_router(small_synth, tmp_path):
+    main = _dispatcher().main
+    out = tmp_path / "step.json"
+    main(["step", "--repeats", "1", "--warmup", "0", "--memory-jobs", "0", "--output", str(out)]
+         + _tiny_opts(small_synth))
+    report = json.loads(out.read_text())
+    rows = {r["router"]: r for r in report["rows"]}
+    assert list(rows) == ROUTERS
+    for r in rows.values():
+        assert _positive(r["median_ms"], r["cpu_median_ms"], r["ratio"], r["cpu_ratio"], r["params"]), r
+        assert len(r["wall_ms"]) == 1 and math.isfinite(r["last_loss"])
+        assert "memory" not in r
+    assert rows["dense"]["ratio"] == 1.0 and rows["dense"]["cpu_ratio"] == 1.0
+    assert rows["dense"]["paired_ratio"] == 1.0
+    # equal active FFN parameters per token: one FFN for dense and gem, at most one for the top-1 routers
+    for name in ("dense", "dense-moe", "gem"):
+        assert rows[name]["ffn_evals_per_token"] == 1.0
+    for name in ("topk", "damex", "moepp", "softmoe"):
+        assert 0 <= rows[name]["ffn_evals_per_token"] <= 1.0
+    assert rows["gem"]["expert_params"] > 0 and rows["dense"]["expert_params"] == 0
+    assert report["mapping"] == [[i % 4] for i in range(5)] and report["gem_ratio"] == rows["gem"]["ratio"]
+
+    # peak memory: one subprocess per router (two here, to stay quick)
+    out_mem = tmp_path / "step_mem.json"
+    main(["step", "--repeats", "1", "--warmup", "0", "--routers", "gem", "--output", str(out_mem)]
+         + _tiny_opts(small_synth))
+    rows = {r["router"]: r for r in json.loads(out_mem.read_text())["rows"]}
+    assert list(rows) == ["dense", "gem"]  # the ratio base is always measured
+    for r in rows.values():
+        assert _positive(r["peak_mib"], r["step_mib"], r["step_mib_ratio"]), r
+        assert r["peak_mib"] >= r["step_mib"]
+    assert rows["dense"]["step_mib_ratio"] == 1.0
+
+
+def test_inference_benchmark_rows_per_setting(small_synth, tmp_path):
+    out = tmp_path / "inference.json"
+    _dispatcher().main(["inference", "--repeats", "1", "--warmup", "0", "--pool", "8", "--prototype-images", "2",
+                        "--output", str(out)] + _tiny_opts(small_synth))
+    report = json.loads(out.read_text())
+    assert [(r["routing"], r["batch"]) for r in report["rows"]] == [("dataset", 1), ("dataset", 8), ("auto", 1),
+                                                                    ("auto", 8)]
+    for r in report["rows"]:
+        assert _positive(r["median_ms"], r["p90_ms"], r["images_per_s"], r["cpu_median_ms"]), r
+        assert r["p90_ms"] >= r["median_ms"] - 1e-9
+        if r["routing"] == "auto":
+            assert r["routed_images"] == r["batch"] and 0 <= r["routed_right"] <= 1
+        else:
+            assert r["routed_right"] is None
+    assert report["auto_router"].startswith("fitted")
