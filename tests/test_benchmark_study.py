@@ -40,6 +40,18 @@ def test_verdict_words():
     assert v["word"] == "beats" and v["beyond_spread"] and v["difference"] == 10.0
     v = study._verdict((40.0, 3.0), (41.0, 4.0))
     assert v["word"] == "does not beat" and not v["beyond_spread"] and v["spread"] == pytest.approx(5.0)
+    assert v["seeds_compared"] == 0
+
+
+def test_paired_seed_differences():
+    # gem ahead of topk on seeds 0 and 2 only; seed 3 has no topk run and is not compared
+    runs = {"gem": [{"seed": s, "avg_ap50": a} for s, a in ((0, 40.0), (1, 30.0), (2, 35.0), (3, 99.0))],
+            "topk": [{"seed": s, "avg_ap50": a} for s, a in ((2, 34.0), (0, 38.5), (1, 31.0))]}
+    diffs = study._paired(runs, "topk", lambda x: x["avg_ap50"])
+    assert diffs == pytest.approx([1.5, -1.0, 1.0])
+    v = study._verdict((35.0, 5.0), (34.5, 3.5), diffs)
+    assert (v["seeds_ahead"], v["seeds_compared"]) == (2, 3)
+    assert "ahead on 2/3 seeds" in study._verdict_text(v)
 
 
 def test_study_quick_end_to_end(tmp_path, capsys):

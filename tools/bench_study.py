@@ -196,21 +196,34 @@ def summarize(runs: List[dict], routers: List[str], seeds: List[int]) -> dict:
             if r == "gem":
                 continue
             b = summary[r]
-            row = {"baseline": r, "avg": _verdict(g["avg_ap50"], b["avg_ap50"])}
+            row = {"baseline": r, "avg": _verdict(g["avg_ap50"], b["avg_ap50"],
+                                                  _paired(by_router, r, lambda x: x["avg_ap50"]))}
             if rare:
-                row["rare"] = _verdict(g["ap50"][rare], b["ap50"][rare])
+                row["rare"] = _verdict(g["ap50"][rare], b["ap50"][rare],
+                                       _paired(by_router, r, lambda x: x["ap50"][rare]))
             verdicts.append(row)
     return {"domains": domains, "layers": layers, "routers": routers, "seeds": seeds, "summary": summary,
             "verdicts": verdicts}
 
 
-def _verdict(gem, base) -> dict:
-    """GEM vs a baseline on one metric (mean, std over seeds): beats / loses, and whether beyond the spread."""
+def _paired(by_router: Dict[str, List[dict]], baseline: str, metric) -> List[float]:
+    """Per-seed differences GEM - baseline of ``metric(run)``, over the seeds both have."""
+    gem = {x["seed"]: metric(x) for x in by_router["gem"]}
+    base = {x["seed"]: metric(x) for x in by_router[baseline]}
+    return [gem[s] - base[s] for s in sorted(gem) if s in base]
+
+
+def _verdict(gem, base, paired: Optional[List[float]] = None) -> dict:
+    """GEM vs a baseline on one metric: ``gem``/``base`` are (mean, std) over seeds, ``paired`` the
+    per-seed differences GEM - baseline. Returns the word (beats / ties / does not beat), whether the
+    difference exceeds the seeds' combined spread, and on how many seeds GEM is ahead."""
     diff = gem[0] - base[0]
     spread = math.hypot(gem[1], base[1])
     word = "beats" if diff > 0 else ("ties" if diff == 0 else "does not beat")
+    paired = list(paired or [])
     return {"gem": gem, "baseline": base, "difference": diff, "spread": spread, "word": word,
-            "beyond_spread": abs(diff) > spread}
+            "beyond_spread": abs(diff) > spread, "seeds_ahead": sum(d > 0 for d in paired),
+            "seeds_compared": len(paired)}
 
 
 def _ms(x) -> str:
@@ -250,7 +263,8 @@ def markdown(study: dict, header: str) -> str:
 
 def _verdict_text(v) -> str:
     where = "beyond the spread" if v["beyond_spread"] else "within the spread"
-    return f"GEM {v['word']} it ({_ms(v['gem'])} vs {_ms(v['baseline'])}, {v['difference']:+.1f}, {where})"
+    seeds = f", ahead on {v['seeds_ahead']}/{v['seeds_compared']} seeds" if v.get("seeds_compared") else ""
+    return f"GEM {v['word']} it ({_ms(v['gem'])} vs {_ms(v['baseline'])}, {v['difference']:+.1f}, {where}{seeds})"
 
 
 def plot(study: dict, runs: List[dict], output_dir: str) -> List[str]:
@@ -343,10 +357,12 @@ def run(args) -> dict:
                   f"({runs[-1]['seconds'] / 60:.1f} min)", flush=True)
     study = summarize(runs, routers, seeds)
     study.update(iters=args.iters, quick=bool(args.quick), minutes=(time.time() - t0) / 60,
+                 run_minutes=sum(x["seconds"] for x in runs) / 60,
                  config_file=args.config_file, opts=list(args.opts))
     header = (f"Router study: {len(routers)} routers x {len(seeds)} seeds, {args.iters} iterations each "
               f"({os.path.relpath(args.config_file, ROOT)}{', quick' if args.quick else ''}); "
-              f"this invocation took {study['minutes']:.1f} min")
+              f"the runs took {study['run_minutes']:.1f} min in total (sum of their own times), "
+              f"this invocation {study['minutes']:.1f} min")
     text = markdown(study, header)
     print(text)
     figures = plot(study, runs, args.output_dir)
