@@ -23,8 +23,8 @@ counts (``routing_stats.json``; tokens weighted by their routing share). Written
 baseline on the average and on the rare domain), ``study_ap50.png`` (bar plot) and
 ``study_specialisation.png`` (P(expert | dataset) per router and layer, summed over seeds).
 
-Default size: 21 runs of 300 iterations at batch 4 on 160 px images (estimated 75 min on 2 idle CPU cores from
-the demo's 1.36 s/iteration at 256 px; the measured time is printed in the table).
+Default size: 21 runs of 300 iterations at batch 4 on 160 px images: 58 min on 2 idle CPU cores
+(2026-11-23, BENCHMARKS.md "Router study"); the measured time is printed in the table header.
 """
 from __future__ import annotations
 
