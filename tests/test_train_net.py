@@ -44,6 +44,7 @@ def _opts(synth_root, output_dir):
         "MODEL.GEM.ROUTER", "gem", "MODEL.GEM.NUM_EXPERTS", "2", "MODEL.GEM.MOE_LAYERS", "['decoder.0']",
         "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "96",
         "INPUT.MAX_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.STEPS", "(1000,)", "TEST.EVAL_PERIOD", "0",
+        "SEED", "0",  # detectron2's default -1 would seed every run differently
     ]
 
 
