@@ -11,6 +11,8 @@ import json
 import math
 import os
 
+import pytest
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 ROUTERS = ["dense", "dense-moe", "gem", "topk", "softmoe", "remoe", "moepp", "damex"]
 
@@ -88,3 +90,29 @@ def test_inference_benchmark_rows_per_setting(small_synth, tmp_path):
         else:
             assert r["routed_right"] is None
     assert report["auto_router"].startswith("fitted")
+
+
+def test_inference_benchmark_amp_needs_cuda(small_synth, tmp_path):
+    with pytest.raises(ValueError, match="SOLVER.AMP.ENABLED=True needs MODEL.DEVICE cuda"):
+        _dispatcher().main(["inference", "--amp", "--repeats", "1", "--output", str(tmp_path / "x.json")]
+                           + _tiny_opts(small_synth))
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_msda_benchmark_small_case_and_amp_errors(tmp_path):
+    out = tmp_path / "msda.json"
+    _dispatcher().main(["msda", "--sizes", "small", "--attn", "decoder", "--repeats", "1", "--warmup", "0",
+                        "--output", str(out)])
+    report = json.loads(out.read_text())
+    assert report["amp"] is None and report["device"] == "cpu"
+    assert [(r["target"], r["queries"], r["tokens"]) for r in report["results"]] == [("core", 200, 1360),
+                                                                                     ("module", 200, 1360)]
+    # small: 256 px -> levels 32x32, 16x16, 8x8, 4x4 = 1360 tokens
+    assert report["results"][0]["levels"] == [[32, 32], [16, 16], [8, 8], [4, 4]]
+    for r in report["results"]:
+        assert _positive(r["forward_ms"], r["forward_backward_ms"], r["forward_cpu_ms"])
+    with pytest.raises(ValueError, match="--amp float16 needs a CUDA --device, got 'cpu'"):
+        _dispatcher().main(["msda", "--amp", "float16", "--output", str(tmp_path / "y.json")])
+    with pytest.raises(ValueError, match="--dtype float64"):
+        _dispatcher().main(["msda", "--amp", "float16", "--device", "cuda", "--dtype", "float64",
+                            "--output", str(tmp_path / "y.json")])

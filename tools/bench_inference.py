@@ -1,6 +1,6 @@
 """inference: images/s and latency (median, p90) of the GEM model, known-dataset vs auto test-time routing.
 
-    python tools/benchmark.py inference [--batch-sizes 1 8] [--repeats 30] [--warmup 2] [--device cpu] [KEY VALUE ...]
+    python tools/benchmark.py inference [--batch-sizes 1 8] [--repeats 30] [--device cpu] [--amp] [KEY VALUE ...]
     python tools/bench_inference.py ...       # same, standalone
 
 The model is ``--config-file`` (default configs/gem_dino_synth_demo.yaml: the small GEM-DINO, MoE FFNs
@@ -50,6 +50,8 @@ ROUTINGS = ("dataset", "auto")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config-file", default="configs/gem_dino_synth_demo.yaml")
     parser.add_argument("--device", default="", help="torch device (default: the config's MODEL.DEVICE)")
+    parser.add_argument("--amp", action="store_true",
+                        help="run the model under torch.autocast with SOLVER.AMP.DTYPE (CUDA only)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--routings", nargs="+", choices=ROUTINGS, default=list(ROUTINGS))
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds (one call of every setting each)")
@@ -151,6 +153,14 @@ def _run(args) -> dict:
     cfg = build_cfg(args.config_file, args.opts, args.device)
     prepare_datasets(cfg)
     device = torch.device(cfg.MODEL.DEVICE)
+    amp = None
+    if args.amp:
+        from gem_d2.engine import amp_dtype
+
+        amp_cfg = cfg.clone()
+        amp_cfg.defrost()
+        amp_cfg.SOLVER.AMP.ENABLED = True
+        amp = amp_dtype(amp_cfg)  # a clear error off CUDA
     torch.manual_seed(args.seed)
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
@@ -185,7 +195,8 @@ def _run(args) -> dict:
         model.test_routing = routing  # what MODEL.GEM.TEST_ROUTING sets at build time; same weights
         _sync(device)
         w0, c0 = time.perf_counter(), time.process_time()
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=amp or torch.float32,
+                                                    enabled=amp is not None):
             outputs = model(inputs)
         _sync(device)
         w, c = (time.perf_counter() - w0) * 1e3, (time.process_time() - c0) * 1e3
@@ -230,6 +241,7 @@ def _run(args) -> dict:
     report = {
         "benchmark": "inference", "config_file": args.config_file, "opts": list(args.opts),
         "device": str(device), "device_name": device_name, "torch": torch.__version__,
+        "amp": str(amp) if amp else None,
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed, "statistic": "median, p90",
         "schedule": "round-robin over (routing, batch) per repeat, first rotating",

@@ -5,9 +5,11 @@ encoder self-attention (queries = all tokens) and decoder cross-attention (900 m
 queries) at DINO-4scale sizes (batch 2, 800x1066 image -> levels 100x134, 50x67, 25x34, 13x17,
 8 heads x 32 channels, 4 points) and at a small CPU size (256x256 image). Reports the median of
 ``--repeats`` timed runs after ``--warmup`` runs, in milliseconds: wall time, and process CPU time
-(summed over threads), which is the steadier figure on a shared machine.
+(summed over threads), which is the steadier figure on a shared machine. ``--amp float16|bfloat16``
+(CUDA only) runs both passes under ``torch.autocast`` with float32 inputs and parameters, as mixed-precision
+training does; ``--dtype`` instead casts everything.
 
-    python tools/benchmark.py msda [--sizes small dino4scale] [--device cpu] [--repeats 5]
+    python tools/benchmark.py msda [--sizes small dino4scale] [--device cpu] [--repeats 5] [--amp float16]
     python tools/bench_msda.py ...            # same, standalone
 """
 from __future__ import annotations
@@ -35,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attn", nargs="+", choices=["encoder", "decoder"], default=["encoder", "decoder"])
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--amp", default="", choices=["", "float16", "bfloat16"],
+                        help="autocast dtype (CUDA only; empty = no autocast)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave as is)")
@@ -127,9 +131,21 @@ def _case(args, size: str, attn: str, target: str) -> dict:
             grad_out = torch.ones_like(out)
         out.backward(grad_out)
 
-    with torch.no_grad():
-        fwd = _time(forward, device, args.repeats, args.warmup)
-    fwd_bwd = _time(forward_backward, device, args.repeats, args.warmup)
+    amp = getattr(torch, args.amp) if args.amp else None
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+    def forward_no_grad():
+        with torch.no_grad(), autocast():
+            return forward()
+
+    def forward_backward_amp():
+        with autocast():
+            forward_backward()
+
+    fwd = _time(forward_no_grad, device, args.repeats, args.warmup)
+    fwd_bwd = _time(forward_backward_amp, device, args.repeats, args.warmup)
     return {"size": size, "attn": attn, "target": target, "batch": batch, "image": [height, width],
             "levels": shapes, "tokens": s, "queries": lq, "heads": m, "head_dim": d, "points": p,
             "forward_ms": fwd["median_ms"], "forward_backward_ms": fwd_bwd["median_ms"],
@@ -145,6 +161,11 @@ def run(args) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.amp and device.type != "cuda":
+        raise ValueError(f"msda: --amp {args.amp} needs a CUDA --device, got {args.device!r} "
+                         "(mixed precision is CUDA-only here)")
+    if args.amp and args.dtype != "float32":
+        raise ValueError(f"msda: --amp {args.amp} autocasts float32 inputs; got --dtype {args.dtype}")
     results = []
     header = (f"{'size':<11} {'attn':<8} {'target':<7} {'tokens':>7} {'queries':>7} {'fwd ms':>9} {'fwd+bwd ms':>11}"
               f" {'fwd cpu ms':>11} {'f+b cpu ms':>11}")
@@ -162,7 +183,7 @@ def run(args) -> dict:
     report = {
         "benchmark": "msda",
         "implementation": "pytorch (grid_sample)",
-        "device": str(device), "device_name": device_name, "dtype": args.dtype,
+        "device": str(device), "device_name": device_name, "dtype": args.dtype, "amp": args.amp or None,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
