@@ -111,10 +111,10 @@ def run(args) -> dict:
               "quick": bool(args.quick), "rows": rows, "minutes": (time.time() - t0) / 60}
     text = markdown(report)
     print(text)
-    with open(os.path.join(out, "adapt_report.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out, "adapt_report.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    from gem_d2.engine.checkpoint import atomic_write
+
+    atomic_write(os.path.join(out, "adapt_report.md"), lambda f: f.write(text), binary=False)
+    atomic_write(os.path.join(out, "adapt_report.json"), lambda f: json.dump(report, f, indent=1), binary=False)
     plot(report, os.path.join(out, "adapt_report.png"))
     print(f"written: {out}/adapt_report.md, adapt_report.json, adapt_report.png")
     return report

@@ -190,10 +190,10 @@ def run(args) -> dict:
         "results": results,
     }
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
-        print(f"wrote {out}")
+        from gem_d2.engine.checkpoint import atomic_write
+
+        atomic_write(args.output, lambda f: json.dump(report, f, indent=2), binary=False)
+        print(f"wrote {args.output}")
     return report
 
 

@@ -382,19 +382,9 @@ def _batch_summary(batch) -> list:
 
 
 def run(args) -> dict:
-    """Run the benchmark; torch's thread count is restored afterwards (callers in the same process)."""
+    """Run the benchmark (or, with ``--probe-spec``, one memory probe in this subprocess)."""
     if args.probe_spec:
         return run_probe(args.probe_spec)
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(args) -> dict:
     import platform
 
     import torch
@@ -518,10 +508,10 @@ def _run(args) -> dict:
         "rows": rows,
     }
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
-        print(f"wrote {out}")
+        from gem_d2.engine.checkpoint import atomic_write
+
+        atomic_write(args.output, lambda f: json.dump(report, f, indent=2), binary=False)
+        print(f"wrote {args.output}")
     return report
 
 

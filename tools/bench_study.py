@@ -162,10 +162,9 @@ def train_one(router: str, seed: int, args, quick_root: Optional[str]) -> dict:
         raise RuntimeError(f"study run {router}/seed{seed} failed (exit {proc.returncode}); log {log}:\n{tail}")
     result = collect_run(out_dir)
     result.update(router=router, seed=seed, iters=args.iters, seconds=time.time() - t0, command=cmd)
-    tmp = done + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, done)
+    from gem_d2.engine.checkpoint import atomic_write
+
+    atomic_write(done, lambda f: json.dump(result, f, indent=1), binary=False)
     return result
 
 
@@ -368,11 +367,10 @@ def run(args) -> dict:
     figures = plot(study, runs, args.output_dir)
     study["figures"] = figures
     study["runs"] = [{k: v for k, v in x.items() if k != "routing_counts"} for x in runs]
+    from gem_d2.engine.checkpoint import atomic_write
+
     for name, content in (("study.md", text), ("study.json", json.dumps(study, indent=1))):
-        path = os.path.join(args.output_dir, name)
-        with open(path + ".tmp", "w") as f:
-            f.write(content)
-        os.replace(path + ".tmp", path)
+        atomic_write(os.path.join(args.output_dir, name), lambda f, c=content: f.write(c), binary=False)
     print(f"written: {args.output_dir}/study.md, study.json, " + ", ".join(os.path.basename(p) for p in figures))
     return study
 

@@ -69,7 +69,13 @@ def main(argv=None) -> None:
         return
     sys.path.insert(0, str(TOOLS.parent))
     print(machine_header(), flush=True)
-    modules[args.command].run(args)
+    import torch
+
+    threads = torch.get_num_threads()  # subcommands may set their own (--threads); callers in this process keep theirs
+    try:
+        modules[args.command].run(args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
