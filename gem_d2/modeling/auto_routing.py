@@ -50,7 +50,7 @@ class DatasetRouter(nn.Module):
     :meth:`fit` trains it (multinomial logistic regression on standardised features, class-balanced,
     L2-regularised, float64 L-BFGS: deterministic); :meth:`set_prototypes` makes it the nearest-prototype
     rule (``W`` = normalised prototypes, ``b`` = 0). On the demo checkpoint the fitted classifier identifies
-    98% of the test images from 16 images per dataset where nearest-prototype managed 81% (BENCHMARKS.md).
+    all the test images from 16 images per dataset where nearest-prototype managed 81% (BENCHMARKS.md).
 
     Args:
         num_datasets: datasets of the label space (rows of ``weight``).
