@@ -4,13 +4,13 @@ Importing this package applies the compatibility shims (gem_d2._compat) and regi
 datasets, meta-architecture, backbones and routers with detectron2's registries.
 """
 # ruff: noqa: E402, I001  (the shims must run before anything imports detectron2)
-from . import _compat
+from gem_d2 import _compat
 
 _compat.apply()
 
-from . import data  # registers the UODB and generated datasets
-from . import modeling  # registers GEMDINO and the routers
-from .config import add_gem_config
+from gem_d2 import data  # registers the UODB and generated datasets
+from gem_d2 import modeling  # registers GEMDINO and the routers
+from gem_d2.config import add_gem_config
 
 __all__ = ["add_gem_config", "data", "modeling"]
 __version__ = "0.1.0"

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from gem_d2.modeling.box_ops import box_cxcywh_to_xyxy
-from gem_d2.modeling.denoising import cdn_attention_mask, dn_match_indices, prepare_cdn, split_dn_outputs
+from gem_d2.layers.box_ops import box_cxcywh_to_xyxy
+from gem_d2.modeling.dino.denoising import cdn_attention_mask, dn_match_indices, prepare_cdn, split_dn_outputs
 
 F64 = torch.float64
 

@@ -16,18 +16,18 @@ from detectron2.structures import Boxes, Instances
 
 from gem_d2 import model_zoo
 from gem_d2.data.label_space import UnifiedLabelSpace
-from gem_d2.modeling.denoising import prepare_cdn
-from gem_d2.modeling.dino import DINO, class_block_masks
-from gem_d2.modeling.ffn import RoutingContext
-from gem_d2.modeling.neck import ChannelMapper
-from gem_d2.modeling.position_encoding import PositionEmbeddingSine, box_sine_embedding
-from gem_d2.modeling.transformer import (
+from gem_d2.layers.neck import ChannelMapper
+from gem_d2.layers.position_encoding import PositionEmbeddingSine, box_sine_embedding
+from gem_d2.modeling.dino.denoising import prepare_cdn
+from gem_d2.modeling.dino.detector import DINO, class_block_masks
+from gem_d2.modeling.dino.transformer import (
     build_dino_transformer,
     encoder_proposals,
     encoder_reference_points,
     select_topk_in_blocks,
     valid_ratios,
 )
+from gem_d2.modeling.moe.context import RoutingContext
 
 # IDEA-Research/DINO @ faa8520, config/DINO/DINO_4scale.py (91 classes, R50 torchvision backbone with
 # FrozenBatchNorm2d), built on CPU with its CUDA op stubbed out, `sum(p.numel() for p in model.parameters())`
@@ -312,7 +312,7 @@ def test_routing_context_segments_query_labels_and_padding():
 
 
 def test_moe_layer_names_are_checked():
-    from gem_d2.modeling.ffn import MoESpec
+    from gem_d2.modeling.moe.context import MoESpec
 
     with pytest.raises(ValueError, match="decoder.9"):
         build_dino_transformer(d_model=C, n_heads=4, d_ffn=64, enc_layers=1, dec_layers=2, num_levels=1,

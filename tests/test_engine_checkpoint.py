@@ -12,13 +12,7 @@ from torch import nn
 
 import gem_d2.planner
 from gem_d2.config import add_gem_config
-from gem_d2.engine import (
-    GemCheckpointer,
-    MappingMismatchError,
-    atomic_write,
-    read_checkpoint_gem,
-    resolve_gem_mapping,
-)
+from gem_d2.engine import GemCheckpointer, MappingMismatchError, atomic_write, read_checkpoint_gem, resolve_gem_mapping
 
 
 def _cfg(tmp_path, units=("synth_a_train", "synth_b_train"), mapping=((0,), (1,)), num_experts=2):

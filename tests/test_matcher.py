@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from gem_d2.modeling.box_ops import (
+from gem_d2.layers.box_ops import (
     box_cxcywh_to_xyxy,
     box_xyxy_to_cxcywh,
     generalized_box_iou,
     inverse_sigmoid,
     paired_generalized_box_iou,
 )
-from gem_d2.modeling.matcher import HungarianMatcher
+from gem_d2.modeling.dino.matcher import HungarianMatcher
 
 
 def naive_giou(a, b):

@@ -3,8 +3,10 @@ import pytest
 import torch
 
 import gem_d2  # noqa: F401  (shims before detectron2)
-from gem_d2.modeling.ffn import FFN, MoESpec, RoutingContext, build_ffn
+from gem_d2.layers.mlp import FFN
 from gem_d2.modeling.moe import ExpertBank, MoEFFN, grouped_dispatch
+from gem_d2.modeling.moe.context import MoESpec, RoutingContext
+from gem_d2.modeling.moe.layer import build_ffn
 
 C, FH, E = 6, 10, 4
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import gem_d2  # noqa: F401  (shims before detectron2)
-from gem_d2.modeling.ffn import MoESpec, RoutingContext
 from gem_d2.modeling.moe import ROUTER_REGISTRY, MoEFFN, Router, RoutingPlan, TokenBatch, register_router
+from gem_d2.modeling.moe.context import MoESpec, RoutingContext
 from gem_d2.modeling.moe.router_gem import GEMRouter
 
 C, FH = 6, 12

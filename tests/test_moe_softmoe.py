@@ -2,8 +2,8 @@
 import torch
 
 import gem_d2  # noqa: F401  (shims before detectron2)
-from gem_d2.modeling.ffn import MoESpec, RoutingContext
 from gem_d2.modeling.moe import MoEFFN
+from gem_d2.modeling.moe.context import MoESpec, RoutingContext
 
 C, FH, E, P = 6, 12, 3, 2
 

@@ -6,8 +6,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import gem_d2  # noqa: F401  (shims before detectron2)
 from gem_d2.config import add_gem_config
-from gem_d2.modeling.ffn import RoutingContext, build_ffn
 from gem_d2.modeling.moe import moe_spec_from_cfg
+from gem_d2.modeling.moe.context import RoutingContext
+from gem_d2.modeling.moe.layer import build_ffn
 
 DATASETS = ["moe_test_cars", "moe_test_faces", "moe_test_art"]
 CLASSES = {"moe_test_cars": ["car", "van"], "moe_test_faces": ["face"], "moe_test_art": ["person", "dog", "cat"]}

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from gem_d2.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn_core
+from gem_d2.layers.ms_deform_attn import MSDeformAttn, ms_deform_attn_core
 
 SHAPES = [(3, 4), (2, 3), (1, 2)]  # non-square levels
 

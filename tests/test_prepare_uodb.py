@@ -1,4 +1,4 @@
-"""tools/prepare_uodb.py and gem_d2.data.prepare: tiny fixtures in each original format, written here, are
+"""tools/prepare_uodb.py and gem_d2.prepare: tiny fixtures in each original format, written here, are
 converted and read back through the registered ``uodb_*`` datasets; malformed sources, interruption,
 re-runs and ``--check`` are exercised on them."""
 import importlib.util
@@ -11,13 +11,13 @@ import pytest
 from detectron2.data import DatasetCatalog
 from PIL import Image
 
-from gem_d2.data import prepare as prep
-from gem_d2.data.prepare import SourceFormatError
-from gem_d2.data.prepare.deeplesion import window_to_uint8
-from gem_d2.data.prepare.dota import clip_polygon, patch_starts, polygon_area
-from gem_d2.data.prepare.lisa import lisa_class
-from gem_d2.data.prepare.splits import hash_split
+from gem_d2 import prepare as prep
 from gem_d2.data.uodb import COCO_CLASSES, VOC_CLASSES, register_uodb
+from gem_d2.prepare import SourceFormatError
+from gem_d2.prepare.deeplesion import window_to_uint8
+from gem_d2.prepare.dota import clip_polygon, patch_starts, polygon_area
+from gem_d2.prepare.lisa import lisa_class
+from gem_d2.prepare.splits import hash_split
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -385,7 +385,7 @@ def test_missing_source_says_what_is_expected(tmp_path):
 
 
 def test_interrupted_conversion_leaves_nothing_half_written(tmp_path, monkeypatch):
-    from gem_d2.data.prepare import tree
+    from gem_d2.prepare import tree
 
     src, out = tmp_path / "src", tmp_path / "out"
     make_kitchen(src)
@@ -412,7 +412,7 @@ def test_interrupted_conversion_leaves_nothing_half_written(tmp_path, monkeypatc
 
 
 def test_first_conversion_interrupted_leaves_no_folder(tmp_path, monkeypatch):
-    from gem_d2.data.prepare import deeplesion
+    from gem_d2.prepare import deeplesion
 
     make_deeplesion(tmp_path / "src")
     real = deeplesion.window_to_uint8

@@ -37,13 +37,7 @@ from gem_d2.data import UnifiedLabelSpace, register_few_shot
 from gem_d2.data.catalog import require_registered, strip_split_suffix
 from gem_d2.engine import GemTrainer, resolve_gem_mapping
 from gem_d2.engine import setup as engine_setup
-from gem_d2.engine.adaptation import (
-    AdaptTrainer,
-    adapted_config,
-    experts_of_units,
-    load_extended_weights,
-    select_trainable,
-)
+from gem_d2.engine.adaptation import AdaptTrainer, adapted_config, experts_of_units, load_extended_weights, select_trainable
 from gem_d2.engine.checkpoint import atomic_write
 from gem_d2.engine.planning import write_config
 

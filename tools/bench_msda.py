@@ -84,7 +84,7 @@ def _time(fn, device, repeats: int, warmup: int) -> dict:
 def _case(args, size: str, attn: str, target: str) -> dict:
     import torch
 
-    from gem_d2.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn_core
+    from gem_d2.layers.ms_deform_attn import MSDeformAttn, ms_deform_attn_core
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

@@ -176,7 +176,7 @@ def copy_dense_weights(dense, model) -> None:
     MoE layer from the dense FFN at the same place: the models then differ only in their routers."""
     import torch
 
-    from gem_d2.modeling.ffn import FFN
+    from gem_d2.layers.mlp import FFN
     from gem_d2.modeling.moe import MoEFFN
 
     dense_modules = dict(dense.named_modules())

@@ -10,7 +10,8 @@ import argparse
 import os
 import sys
 
-from gem_d2.data.prepare import (
+from gem_d2.data.uodb import UODB_DATASETS
+from gem_d2.prepare import (
     LINK_MODES,
     MissingSourceError,
     SourceFormatError,
@@ -21,8 +22,7 @@ from gem_d2.data.prepare import (
     prepare,
     resolve_names,
 )
-from gem_d2.data.prepare.kitchen import DEFAULT_TEST_SCENES
-from gem_d2.data.uodb import UODB_DATASETS
+from gem_d2.prepare.kitchen import DEFAULT_TEST_SCENES
 
 
 def parse_args(argv=None):

@@ -12,16 +12,16 @@ Importing it registers, lazily (nothing is read until ``DatasetCatalog.get``):
 
 Your own datasets: :func:`register_voc_dataset` (UODB/VOC layout) or :func:`register_coco_dataset` (COCO JSON).
 """
-from .build import build_gem_test_loader, build_gem_train_loader, dataset_sampling_weights, load_gem_datasets
-from .catalog import UnknownDatasetError, dataset_domain, datasets_root
-from .coco import register_coco_dataset
-from .fewshot import few_shot_name, few_shot_records, register_few_shot, register_few_shot_names
-from .label_space import UnifiedLabelSpace, dataset_classes, recorded_block
-from .mapper import GemDatasetMapper, ImageReadError, read_image_checked
-from .registration import register_datasets_from_cfg
-from .sampler import MultiDatasetTrainingSampler, sampling_probabilities
-from .summary import summarize_datasets
-from .synthetic import (
+from gem_d2.data.build import build_gem_test_loader, build_gem_train_loader, dataset_sampling_weights, load_gem_datasets
+from gem_d2.data.catalog import UnknownDatasetError, dataset_domain, datasets_root
+from gem_d2.data.coco import register_coco_dataset
+from gem_d2.data.fewshot import few_shot_name, few_shot_records, register_few_shot, register_few_shot_names
+from gem_d2.data.label_space import UnifiedLabelSpace, dataset_classes, recorded_block
+from gem_d2.data.mapper import GemDatasetMapper, ImageReadError, read_image_checked
+from gem_d2.data.registration import register_datasets_from_cfg
+from gem_d2.data.sampler import MultiDatasetTrainingSampler, sampling_probabilities
+from gem_d2.data.summary import summarize_datasets
+from gem_d2.data.synthetic import (
     DOMAIN_CLASSES,
     DOMAIN_IMAGE_EXT,
     DOMAINS,
@@ -31,8 +31,14 @@ from .synthetic import (
     register_synthetic,
     synthetic_root,
 )
-from .uodb import UODB_DATASETS, register_uodb, uodb_dataset_names
-from .voc import DatasetFormatError, VocLoadStats, load_voc_instances, register_voc_dataset, register_voc_sources
+from gem_d2.data.uodb import UODB_DATASETS, register_uodb, uodb_dataset_names
+from gem_d2.data.voc import (
+    DatasetFormatError,
+    VocLoadStats,
+    load_voc_instances,
+    register_voc_dataset,
+    register_voc_sources,
+)
 
 __all__ = [
     "few_shot_name", "few_shot_records", "register_few_shot", "register_few_shot_names",

@@ -7,9 +7,9 @@ from detectron2.data.build import build_batch_data_loader, filter_images_with_on
 from detectron2.data.common import DatasetFromList, MapDataset, ToIterableDataset
 from detectron2.utils import comm
 
-from .catalog import require_registered
-from .mapper import GemDatasetMapper
-from .sampler import MultiDatasetTrainingSampler, WorkerChunkSampler, sampling_probabilities
+from gem_d2.data.catalog import require_registered
+from gem_d2.data.mapper import GemDatasetMapper
+from gem_d2.data.sampler import MultiDatasetTrainingSampler, WorkerChunkSampler, sampling_probabilities
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, register_coco_instances
 
-from .catalog import GEM_EVALUATOR_TYPE, strip_split_suffix, unregister
+from gem_d2.data.catalog import GEM_EVALUATOR_TYPE, strip_split_suffix, unregister
 
 
 def _load_with_name(json_file: str, image_root: str, name: str):

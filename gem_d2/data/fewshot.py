@@ -17,7 +17,7 @@ from typing import List, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .catalog import dataset_domain, require_registered, unregister
+from gem_d2.data.catalog import dataset_domain, require_registered, unregister
 
 __all__ = ["few_shot_records", "few_shot_name", "register_few_shot", "register_few_shot_names"]
 _NAME = re.compile(r"^(?P<source>.+)_(?P<shots>\d+)shot_seed(?P<seed>\d+)$")

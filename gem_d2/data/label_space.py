@@ -14,7 +14,7 @@ from typing import List, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .catalog import UnknownDatasetError, dataset_domain, require_registered
+from gem_d2.data.catalog import UnknownDatasetError, dataset_domain, require_registered
 
 METADATA_KEY = "gem_label_blocks"
 

@@ -9,7 +9,7 @@ from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from .label_space import UnifiedLabelSpace
+from gem_d2.data.label_space import UnifiedLabelSpace
 
 
 class ImageReadError(OSError):

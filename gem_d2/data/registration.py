@@ -1,9 +1,9 @@
 """Point gem_d2's built-in datasets at the roots a config names (before building loaders or a label space)."""
 import os
 
-from .catalog import datasets_root
-from .synthetic import register_synthetic, registered_synthetic_root, synthetic_root
-from .uodb import register_uodb, registered_uodb_root
+from gem_d2.data.catalog import datasets_root
+from gem_d2.data.synthetic import register_synthetic, registered_synthetic_root, synthetic_root
+from gem_d2.data.uodb import register_uodb, registered_uodb_root
 
 
 def register_datasets_from_cfg(cfg) -> None:

@@ -4,7 +4,7 @@ from typing import Sequence
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from tabulate import tabulate
 
-from .catalog import require_registered
+from gem_d2.data.catalog import require_registered
 
 
 def summarize_datasets(names: Sequence[str]) -> str:

@@ -27,10 +27,10 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .catalog import datasets_root
-from .synthetic_styles import STYLES, render_image
-from .voc import register_voc_dataset
-from .voc_xml import VocBox, voc_xml_text
+from gem_d2.data.catalog import datasets_root
+from gem_d2.data.synthetic_styles import STYLES, render_image
+from gem_d2.data.voc import register_voc_dataset
+from gem_d2.data.voc_xml import VocBox, voc_xml_text
 
 logger = logging.getLogger(__name__)
 

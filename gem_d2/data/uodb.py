@@ -39,9 +39,9 @@ from typing import Dict, Optional, Tuple
 
 from detectron2.data.datasets.builtin_meta import _get_coco_instances_meta
 
-from .catalog import datasets_root
-from .coco import register_coco_dataset
-from .voc import register_voc_sources
+from gem_d2.data.catalog import datasets_root
+from gem_d2.data.coco import register_coco_dataset
+from gem_d2.data.voc import register_voc_sources
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")

@@ -30,7 +30,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from .catalog import GEM_EVALUATOR_TYPE, strip_split_suffix, unregister
+from gem_d2.data.catalog import GEM_EVALUATOR_TYPE, strip_split_suffix, unregister
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@
 - :func:`resolve_gem_mapping`: the mapping from config, checkpoint or planner, before the model is built.
 - :func:`build_gem_optimizer`: AdamW/SGD with backbone LR multiplier, no decay on norms/biases/embeddings.
 """
-from .adaptation import AdaptTrainer, adapted_config, load_extended_weights, select_trainable
-from .checkpoint import (
+from gem_d2.engine.adaptation import AdaptTrainer, adapted_config, load_extended_weights, select_trainable
+from gem_d2.engine.checkpoint import (
     MAPPING_KEY,
     PROTOTYPES_KEY,
     GemCheckpointer,
@@ -16,13 +16,13 @@ from .checkpoint import (
     gem_mapping_from_cfg,
     read_checkpoint_gem,
 )
-from .hooks import RoutingStatsHook, TrainingCurvesHook
-from .launch import create_ddp_model, launch, resolve_device, unwrap_model
-from .optimizer import build_gem_optimizer, build_param_groups
-from .planning import checkpoint_to_load, needs_planning, resolve_gem_mapping, write_config
-from .plotting import plot_training_curves
-from .routing_prototypes import RoutingPrototypesHook, compute_routing_prototypes
-from .trainer import GemAMPTrainer, GemTrainer, amp_dtype
+from gem_d2.engine.hooks import RoutingStatsHook, TrainingCurvesHook
+from gem_d2.engine.launch import create_ddp_model, launch, resolve_device, unwrap_model
+from gem_d2.engine.optimizer import build_gem_optimizer, build_param_groups
+from gem_d2.engine.planning import checkpoint_to_load, needs_planning, resolve_gem_mapping, write_config
+from gem_d2.engine.plotting import plot_training_curves
+from gem_d2.engine.routing_prototypes import RoutingPrototypesHook, compute_routing_prototypes
+from gem_d2.engine.trainer import GemAMPTrainer, GemTrainer, amp_dtype
 
 __all__ = [
     "AdaptTrainer", "adapted_config", "load_extended_weights", "select_trainable",

@@ -27,10 +27,10 @@ from detectron2.config import CfgNode
 from detectron2.engine.train_loop import HookBase
 from torch import nn
 
-from .. import data as gem_data
-from .launch import unwrap_model
-from .optimizer import build_gem_optimizer
-from .trainer import GemTrainer
+from gem_d2 import data as gem_data
+from gem_d2.engine.launch import unwrap_model
+from gem_d2.engine.optimizer import build_gem_optimizer
+from gem_d2.engine.trainer import GemTrainer
 
 __all__ = ["adapted_config", "load_extended_weights", "select_trainable", "AdaptTrainer", "CLASS_ROW_PARAMS"]
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.utils import comm
 
-from .launch import unwrap_model
+from gem_d2.engine.launch import unwrap_model
 
 __all__ = ["MAPPING_KEY", "PROTOTYPES_KEY", "GemCheckpointer", "gem_mapping_from_cfg", "mapping_differences",
            "normalize_prototypes", "read_checkpoint_gem", "atomic_write", "MappingMismatchError"]

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from detectron2.config import CfgNode
 from detectron2.utils import comm
 
-from .checkpoint import (
+from gem_d2.engine.checkpoint import (
     MAPPING_KEY,
     PROTOTYPES_KEY,
     MappingMismatchError,
@@ -132,7 +132,7 @@ def _decide(cfg: CfgNode, resume: bool, eval_only: bool) -> Dict[str, Any]:
     if eval_only:
         raise ValueError(f"--eval-only with MODEL.GEM.ROUTER gem and an empty MODEL.GEM.MAPPING, but MODEL.WEIGHTS="
                          f"{cfg.MODEL.WEIGHTS!r} holds no GEM mapping: pass a gem_d2 checkpoint or set the mapping")
-    from ..planner import plan_from_cfg
+    from gem_d2.planner import plan_from_cfg
 
     logger.info("MODEL.GEM.MAPPING is empty: planning the dataset->expert mapping (rank 0)")
     _plan, mapping, planned_prototypes = plan_from_cfg(cfg, os.path.join(cfg.OUTPUT_DIR, PLAN_DIR))

@@ -14,8 +14,8 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 
-from ..data import GemDatasetMapper
-from .launch import unwrap_model
+from gem_d2.data import GemDatasetMapper
+from gem_d2.engine.launch import unwrap_model
 
 logger = logging.getLogger(__name__)
 

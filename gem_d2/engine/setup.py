@@ -4,8 +4,8 @@ from __future__ import annotations
 from detectron2.config import CfgNode, get_cfg
 from detectron2.utils import comm
 
-from ..config import add_gem_config
-from ..data import ensure_synthetic, register_few_shot_names, register_uodb
+from gem_d2.config import add_gem_config
+from gem_d2.data import ensure_synthetic, register_few_shot_names, register_uodb
 
 
 def build_cfg(config_file: str, opts) -> CfgNode:

@@ -16,13 +16,13 @@ from detectron2.evaluation import DatasetEvaluator, inference_on_dataset, print_
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from .. import data as gem_data
-from .. import evaluation as gem_evaluation
-from .checkpoint import GemCheckpointer
-from .hooks import RoutingStatsHook, TrainingCurvesHook
-from .launch import create_ddp_model, unwrap_model
-from .optimizer import build_gem_optimizer
-from .routing_prototypes import RoutingPrototypesHook, compute_routing_prototypes
+from gem_d2 import data as gem_data
+from gem_d2 import evaluation as gem_evaluation
+from gem_d2.engine.checkpoint import GemCheckpointer
+from gem_d2.engine.hooks import RoutingStatsHook, TrainingCurvesHook
+from gem_d2.engine.launch import create_ddp_model, unwrap_model
+from gem_d2.engine.optimizer import build_gem_optimizer
+from gem_d2.engine.routing_prototypes import RoutingPrototypesHook, compute_routing_prototypes
 
 __all__ = ["GemTrainer", "GemAMPTrainer", "amp_dtype"]
 logger = logging.getLogger(__name__)

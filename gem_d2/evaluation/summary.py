@@ -7,7 +7,7 @@ import os
 from collections import OrderedDict
 from typing import Mapping, Optional
 
-from .uodb_evaluator import RESULT_KEY, _atomic_write, json_safe
+from gem_d2.evaluation.uodb_evaluator import RESULT_KEY, _atomic_write, json_safe
 
 # Table columns: metric key -> header naming the metric (REFERENCE §1.3: always name it).
 COLUMNS = OrderedDict([

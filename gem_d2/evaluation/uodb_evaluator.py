@@ -39,9 +39,9 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
-from ..data.catalog import dataset_domain
-from .coco_ap import coco_box_ap
-from .voc07_ap import voc07_ap_per_class
+from gem_d2.data.catalog import dataset_domain
+from gem_d2.evaluation.coco_ap import coco_box_ap
+from gem_d2.evaluation.voc07_ap import voc07_ap_per_class
 
 logger = logging.getLogger(__name__)
 

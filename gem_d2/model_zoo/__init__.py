@@ -30,7 +30,7 @@ def get_config(name: str):
     """A detectron2 CfgNode with gem_d2's keys, merged from the shipped config ``name``."""
     from detectron2.config import get_cfg
 
-    from ..config import add_gem_config
+    from gem_d2.config import add_gem_config
 
     cfg = add_gem_config(get_cfg())
     cfg.merge_from_file(get_config_file(name))

@@ -1,13 +1,9 @@
-"""gem_d2.modeling: the GEMDINO meta-architecture, the DINO transformer, and the MoE FFN layers.
+"""gem_d2.modeling: the GEMDINO meta-architecture (detectron2 adapter), the DINO detector (``dino/``),
+the Mixture-of-Experts layers and routers (``moe/``) and test-time dataset identification.
 
-Importing it registers ``GEMDINO`` in detectron2's ``META_ARCH_REGISTRY`` and, when the MoE package
-is present, the routers in its registry.
+Importing it registers ``GEMDINO`` in detectron2's ``META_ARCH_REGISTRY`` and the routers in
+``ROUTER_REGISTRY``.
 """
-from pathlib import Path
-
-from . import meta_arch  # noqa: F401  (registers GEMDINO)
-from .dino import DINO  # noqa: F401
-from .meta_arch import GEMDINO  # noqa: F401
-
-if (Path(__file__).resolve().parent / "moe" / "__init__.py").is_file():
-    from . import moe  # noqa: F401  (registers the routers)
+from gem_d2.modeling import moe  # noqa: F401  (registers the routers)
+from gem_d2.modeling.dino import DINO  # noqa: F401
+from gem_d2.modeling.meta_arch import GEMDINO  # noqa: F401  (registers GEMDINO)

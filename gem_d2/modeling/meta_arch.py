@@ -29,15 +29,16 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, de
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
-from .auto_routing import DatasetRouter, pooled_image_features
-from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from .criterion import SetCriterion
-from .dino import DINO, class_block_masks
-from .ffn import MoESpec
-from .matcher import HungarianMatcher
-from .neck import ChannelMapper
-from .position_encoding import PositionEmbeddingSine
-from .transformer import BlockwiseLinear, build_dino_transformer
+from gem_d2.layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from gem_d2.layers.neck import ChannelMapper
+from gem_d2.layers.position_encoding import PositionEmbeddingSine
+from gem_d2.modeling.auto_routing import DatasetRouter, pooled_image_features
+from gem_d2.modeling.dino.criterion import SetCriterion
+from gem_d2.modeling.dino.detector import DINO, class_block_masks
+from gem_d2.modeling.dino.matcher import HungarianMatcher
+from gem_d2.modeling.dino.transformer import build_dino_transformer
+from gem_d2.modeling.moe.context import MoESpec
+from gem_d2.modeling.moe.spec import moe_spec_from_cfg
 
 __all__ = ["GEMDINO", "build_moe_spec"]
 
@@ -48,12 +49,6 @@ def build_moe_spec(cfg, dataset_names: Sequence[str]) -> Optional[MoESpec]:
     """The MoE spec of ``cfg.MODEL.GEM`` for the label space's datasets ``dataset_names`` (in block order);
     None (dense FFNs everywhere) when ``MOE_LAYERS`` is empty."""
     if not cfg.MODEL.GEM.MOE_LAYERS:
-        return None
-    try:
-        from .moe import moe_spec_from_cfg
-    except ImportError as e:  # the MoE package is not part of this installation
-        logger.warning("MODEL.GEM.MOE_LAYERS=%s but gem_d2.modeling.moe cannot be imported (%s): building dense "
-                       "FFNs", list(cfg.MODEL.GEM.MOE_LAYERS), e)
         return None
     return moe_spec_from_cfg(cfg, list(dataset_names))
 
@@ -105,9 +100,6 @@ class GEMDINO(nn.Module):
                                  False)
             channels = 2 * sum(backbone.output_shape()[f].channels for f in self.in_features)  # mean + std
             self.auto_router = DatasetRouter(len(self.dataset_names), channels)
-            for head in self.dino.modules():
-                if isinstance(head, BlockwiseLinear):
-                    head.set_blocks(dataset_blocks)
 
     @classmethod
     def from_config(cls, cfg):
@@ -124,7 +116,7 @@ class GEMDINO(nn.Module):
             d_model=d.HIDDEN_DIM, n_heads=d.NHEADS, d_ffn=d.DIM_FEEDFORWARD, enc_layers=d.ENC_LAYERS,
             dec_layers=d.DEC_LAYERS, num_levels=d.NUM_FEATURE_LEVELS, enc_points=d.ENC_N_POINTS,
             dec_points=d.DEC_N_POINTS, num_queries=d.NUM_QUERIES, num_classes=num_classes, dropout=d.DROPOUT,
-            activation=d.ACTIVATION, pe_temperature=d.PE_TEMPERATURE, moe=moe)
+            activation=d.ACTIVATION, pe_temperature=d.PE_TEMPERATURE, moe=moe, class_blocks=dataset_blocks)
         neck = ChannelMapper([shapes[f].channels for f in d.IN_FEATURES], d.HIDDEN_DIM, d.NUM_FEATURE_LEVELS)
         dino = DINO(neck, PositionEmbeddingSine(d.HIDDEN_DIM // 2, d.PE_TEMPERATURE), transformer,
                     dn_number=d.DN_NUMBER, label_noise_ratio=d.DN_LABEL_NOISE_RATIO,
@@ -259,7 +251,7 @@ def _num_classes_and_datasets(cfg) -> Tuple[int, Tuple[str, ...], Tuple[Tuple[in
         raise ValueError(f"MODEL.DINO.NUM_CLASSES must be >= 0 (0 = from the label space), got {num_classes}")
     if num_classes > 0 and not cfg.MODEL.GEM.MOE_LAYERS and cfg.MODEL.GEM.TEST_ROUTING != "auto":
         return num_classes, (), ()
-    from ..data.label_space import UnifiedLabelSpace
+    from gem_d2.data.label_space import UnifiedLabelSpace
 
     space = UnifiedLabelSpace.from_cfg(cfg)
     if num_classes == 0:

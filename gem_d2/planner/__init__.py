@@ -10,7 +10,7 @@ From a detectron2 config (what the trainer calls): ``plan_from_cfg(cfg, output_d
 The LP, rounding and MILP modules need only numpy/scipy/PuLP; detectron2 is imported by the affinity code only
 when it runs.
 """
-from .affinity import (
+from gem_d2.planner.affinity import (
     AffinityResult,
     FeatureExtractor,
     affinity_from_features,
@@ -18,14 +18,14 @@ from .affinity import (
     build_frozen_backbone,
     compute_affinity,
 )
-from .extend import ExtensionPlan, expert_keys_from_mapping, plan_new_units
-from .kmeans import kmeans
-from .lp import solve_lp, solve_milp
-from .mapping import GemMapping
-from .pipeline import dataset_load_shares, plan_from_cfg
-from .plan import ROUNDINGS, ExpertPlan, compile_assignment, plan_mapping
-from .problem import PlanInfeasibleError, PlanProblem, build_problem
-from .report import format_plan_table, plan_summary, save_heatmap, write_report
+from gem_d2.planner.extend import ExtensionPlan, expert_keys_from_mapping, plan_new_units
+from gem_d2.planner.kmeans import kmeans
+from gem_d2.planner.lp import solve_lp, solve_milp
+from gem_d2.planner.mapping import GemMapping
+from gem_d2.planner.pipeline import dataset_load_shares, plan_from_cfg
+from gem_d2.planner.plan import ROUNDINGS, ExpertPlan, compile_assignment, plan_mapping
+from gem_d2.planner.problem import PlanInfeasibleError, PlanProblem, build_problem
+from gem_d2.planner.report import format_plan_table, plan_summary, save_heatmap, write_report
 
 __all__ = [
     "ExtensionPlan", "expert_keys_from_mapping", "plan_new_units",

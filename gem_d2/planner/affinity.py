@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .kmeans import kmeans
-from .mapping import UNIT_SEPARATOR
+from gem_d2.planner.kmeans import kmeans
+from gem_d2.planner.mapping import UNIT_SEPARATOR
 
 __all__ = ["AffinityResult", "FeatureExtractor", "UnitFeatures", "affinity_from_features", "affinity_from_prototypes",
            "build_frozen_backbone", "collect_unit_features", "compute_affinity", "unit_prototypes"]

@@ -16,8 +16,8 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .plan import ExpertPlan, plan_mapping
-from .problem import PlanInfeasibleError, slack_capacities
+from gem_d2.planner.plan import ExpertPlan, plan_mapping
+from gem_d2.planner.problem import PlanInfeasibleError, slack_capacities
 
 __all__ = ["ExtensionPlan", "plan_new_units", "expert_keys_from_mapping"]
 

@@ -17,8 +17,8 @@ from typing import Optional
 import numpy as np
 import scipy.sparse as sp
 
-from .problem import PlanInfeasibleError, PlanProblem
-from .solvers import INFEASIBLE, OPTIMAL, TIME_LIMIT, LinearModel, solve_model
+from gem_d2.planner.problem import PlanInfeasibleError, PlanProblem
+from gem_d2.planner.solvers import INFEASIBLE, OPTIMAL, TIME_LIMIT, LinearModel, solve_model
 
 __all__ = ["LPSolution", "MILPSolution", "build_model", "solve_lp", "solve_milp"]
 

@@ -10,11 +10,11 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .affinity import AffinityResult, compute_affinity
-from .mapping import GemMapping
-from .plan import ROUNDINGS, ExpertPlan, plan_mapping
-from .report import write_report
-from .solvers import check_solver
+from gem_d2.planner.affinity import AffinityResult, compute_affinity
+from gem_d2.planner.mapping import GemMapping
+from gem_d2.planner.plan import ROUNDINGS, ExpertPlan, plan_mapping
+from gem_d2.planner.report import write_report
+from gem_d2.planner.solvers import check_solver
 
 __all__ = ["plan_from_cfg", "dataset_load_shares", "write_prototypes", "PLAN_YAML", "PROTOTYPES_NPZ"]
 
@@ -31,7 +31,7 @@ def dataset_load_shares(cfg) -> Dict[str, float]:
     ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``) when available, else the dataset sizes from ``DatasetCatalog``.
     """
     try:
-        from ..data import dataset_sampling_weights
+        from gem_d2.data import dataset_sampling_weights
     except ImportError:
         dataset_sampling_weights = None
     if dataset_sampling_weights is not None:

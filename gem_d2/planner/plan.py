@@ -12,12 +12,12 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .lp import MILPSolution, solve_lp, solve_milp
-from .problem import PlanInfeasibleError, PlanProblem, build_problem
-from .repair import repair_assignment
-from .rounding import hierarchical_round
-from .shmoys_tardos import shmoys_tardos_round
-from .solvers import check_solver
+from gem_d2.planner.lp import MILPSolution, solve_lp, solve_milp
+from gem_d2.planner.problem import PlanInfeasibleError, PlanProblem, build_problem
+from gem_d2.planner.repair import repair_assignment
+from gem_d2.planner.rounding import hierarchical_round
+from gem_d2.planner.shmoys_tardos import shmoys_tardos_round
+from gem_d2.planner.solvers import check_solver
 
 __all__ = ["ROUNDINGS", "ExpertPlan", "plan_mapping", "compile_assignment"]
 
@@ -90,13 +90,13 @@ class ExpertPlan:
 
     def report(self) -> dict:
         """JSON-serialisable summary: objective values and ratios, per-expert load vs capacity, times, mapping."""
-        from .report import plan_summary
+        from gem_d2.planner.report import plan_summary
 
         return plan_summary(self)
 
     def format_report(self) -> str:
         """The report as a printable text table."""
-        from .report import format_plan_table
+        from gem_d2.planner.report import format_plan_table
 
         return format_plan_table(self)
 

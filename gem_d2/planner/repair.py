@@ -32,7 +32,7 @@ import logging
 
 import numpy as np
 
-from .problem import PlanProblem
+from gem_d2.planner.problem import PlanProblem
 
 __all__ = ["repair_assignment", "improve_assignment", "assignment_key"]
 

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .problem import PlanProblem
+from gem_d2.planner.problem import PlanProblem
 
 __all__ = ["hierarchical_round"]
 

@@ -19,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, linear_sum_assignment, milp
 
-from .problem import PlanProblem
+from gem_d2.planner.problem import PlanProblem
 
 __all__ = ["shmoys_tardos_round"]
 

@@ -5,16 +5,16 @@ by ``MODEL.GEM.ROUTER`` (``ROUTER_REGISTRY``) decides which experts each token u
 package registers the built-in routers: gem, dense, topk, softmoe, remoe, moepp, damex. See
 :mod:`.base` for the router interface.
 """
-from .base import ROUTER_REGISTRY, MoEResult, Router, RoutingPlan, TokenBatch, register_router
-from .dispatch import grouped_dispatch
-from .experts import ExpertBank
-from .layer import MoEFFN
-from .router_gem import DenseRouter, GEMRouter
-from .router_moepp import MoEPlusPlusRouter
-from .router_remoe import ReMoERouter
-from .router_softmoe import SoftMoERouter
-from .router_topk import DAMEXRouter, TopKRouter
-from .spec import moe_spec_from_cfg
+from gem_d2.modeling.moe.base import ROUTER_REGISTRY, MoEResult, Router, RoutingPlan, TokenBatch, register_router
+from gem_d2.modeling.moe.dispatch import grouped_dispatch
+from gem_d2.modeling.moe.experts import ExpertBank
+from gem_d2.modeling.moe.layer import MoEFFN
+from gem_d2.modeling.moe.router_gem import DenseRouter, GEMRouter
+from gem_d2.modeling.moe.router_moepp import MoEPlusPlusRouter
+from gem_d2.modeling.moe.router_remoe import ReMoERouter
+from gem_d2.modeling.moe.router_softmoe import SoftMoERouter
+from gem_d2.modeling.moe.router_topk import DAMEXRouter, TopKRouter
+from gem_d2.modeling.moe.spec import moe_spec_from_cfg
 
 __all__ = [
     "ROUTER_REGISTRY", "Router", "RoutingPlan", "TokenBatch", "MoEResult", "register_router", "ExpertBank",

@@ -34,10 +34,10 @@ import torch
 from detectron2.utils.registry import Registry
 from torch import nn
 
-from ..ffn import RoutingContext
+from gem_d2.modeling.moe.context import RoutingContext
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .experts import ExpertBank
+    from gem_d2.modeling.moe.experts import ExpertBank
 
 ROUTER_REGISTRY = Registry("GEM_ROUTER")
 ROUTER_REGISTRY.__doc__ = """
@@ -161,7 +161,7 @@ class Router(nn.Module):
 
     def forward_moe(self, tokens: TokenBatch, experts: ExpertBank) -> MoEResult:
         """Default: ``route`` then grouped dispatch. Output (T, C)."""
-        from .dispatch import grouped_dispatch, plan_token_load
+        from gem_d2.modeling.moe.dispatch import grouped_dispatch, plan_token_load
 
         plan = self.route(tokens)
         plan.check(tokens.x.shape[0], self.num_routes, type(self).__name__)

@@ -5,7 +5,7 @@ from typing import Tuple
 
 import torch
 
-from .experts import ExpertBank
+from gem_d2.modeling.moe.experts import ExpertBank
 
 
 def grouped_dispatch(x: torch.Tensor, expert_index: torch.Tensor, combine_weight: torch.Tensor,

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ffn import FFN, _activation
+from gem_d2.layers.mlp import FFN
+from gem_d2.layers.mlp import activation_layer as _activation
 
 
 class ExpertBank(nn.Module):

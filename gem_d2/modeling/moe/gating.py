@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import masked_mean
+from gem_d2.modeling.moe.base import masked_mean
 
 
 def expert_capacity(capacity_factor: float, num_tokens: int, k: int, num_experts: int) -> int:

@@ -6,9 +6,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ffn import FFN, MoESpec, RoutingContext
-from .base import ROUTER_REGISTRY, TokenBatch
-from .experts import ExpertBank
+from gem_d2.layers.mlp import FFN
+from gem_d2.modeling.moe.base import ROUTER_REGISTRY, TokenBatch
+from gem_d2.modeling.moe.context import MoESpec, RoutingContext
+from gem_d2.modeling.moe.experts import ExpertBank
 
 
 class MoEFFN(nn.Module):
@@ -39,7 +40,7 @@ class MoEFFN(nn.Module):
         self.router = ROUTER_REGISTRY.get(spec.router)(d_model=d_model, num_experts=spec.num_experts,
                                                        **dict(spec.router_kwargs))
         self.experts = ExpertBank(self.router.num_experts, d_model, d_ffn, dropout, activation)
-        self.num_datasets: Optional[int] = getattr(spec, "num_datasets", None)
+        self.num_datasets: Optional[int] = spec.num_datasets
 
     def load_from_ffn(self, ffn: FFN) -> None:
         """Copy a dense FFN's weights into every expert (a ``dense`` MoEFFN then equals ``ffn``)."""
@@ -114,3 +115,12 @@ class MoEFFN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer_name={self.layer_name!r}"
+
+
+def build_ffn(layer_name: str, d_model: int, d_ffn: int, dropout: float, activation: str,
+              moe: Optional[MoESpec] = None) -> nn.Module:
+    """The FFN of layer ``layer_name`` ("encoder.i" / "decoder.i"): an :class:`MoEFFN` if ``moe`` lists it,
+    else a dense :class:`~gem_d2.layers.mlp.FFN`."""
+    if moe is None or layer_name not in moe.layers:
+        return FFN(d_model, d_ffn, dropout, activation)
+    return MoEFFN(layer_name, d_model, d_ffn, dropout, activation, moe)

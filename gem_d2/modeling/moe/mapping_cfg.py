@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections import Counter
 from typing import Dict, List, Optional, Sequence
 
-from .router_gem import _check_mapping
+from gem_d2.modeling.moe.router_gem import _check_mapping
 
 
 def thing_classes_of(dataset_names: Sequence[str]) -> List[List[str]]:
     """Each dataset's classes in the unified label space's order (gem_d2.data.label_space)."""
-    from ...data.label_space import UnifiedLabelSpace
+    from gem_d2.data.label_space import UnifiedLabelSpace
 
     space = UnifiedLabelSpace(list(dataset_names))
     return [list(space.classes(i)) for i in range(len(space))]

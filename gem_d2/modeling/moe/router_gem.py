@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .base import Router, RoutingPlan, TokenBatch, register_router
+from gem_d2.modeling.moe.base import Router, RoutingPlan, TokenBatch, register_router
 
 
 @register_router("gem")
@@ -50,7 +50,7 @@ class GEMRouter(Router):
 
     @classmethod
     def kwargs_from_cfg(cls, cfg, dataset_names: List[str]) -> dict:
-        from .mapping_cfg import gem_router_kwargs
+        from gem_d2.modeling.moe.mapping_cfg import gem_router_kwargs
 
         return gem_router_kwargs(cfg, dataset_names)
 

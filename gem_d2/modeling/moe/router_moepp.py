@@ -7,7 +7,7 @@ from typing import List
 import torch
 from torch import nn
 
-from .base import (
+from gem_d2.modeling.moe.base import (
     Router,
     RoutingPlan,
     TokenBatch,
@@ -16,7 +16,7 @@ from .base import (
     register_router,
     router_logits_fp32,
 )
-from .gating import switch_balance_loss
+from gem_d2.modeling.moe.gating import switch_balance_loss
 
 
 @register_router("moepp")

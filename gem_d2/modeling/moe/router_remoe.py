@@ -7,7 +7,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .base import Router, RoutingPlan, TokenBatch, check_positive_int, register_router, router_logits_fp32
+from gem_d2.modeling.moe.base import (
+    Router,
+    RoutingPlan,
+    TokenBatch,
+    check_positive_int,
+    register_router,
+    router_logits_fp32,
+)
 
 
 @register_router("remoe")

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MoEResult, Router, TokenBatch, check_positive_int, register_router
-from .experts import ExpertBank
+from gem_d2.modeling.moe.base import MoEResult, Router, TokenBatch, check_positive_int, register_router
+from gem_d2.modeling.moe.experts import ExpertBank
 
 
 @register_router("softmoe")

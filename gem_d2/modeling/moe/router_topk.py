@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (
+from gem_d2.modeling.moe.base import (
     Router,
     RoutingPlan,
     TokenBatch,
@@ -17,7 +17,7 @@ from .base import (
     register_router,
     router_logits_fp32,
 )
-from .gating import capacity_dropped, expert_capacity, switch_balance_loss
+from gem_d2.modeling.moe.gating import capacity_dropped, expert_capacity, switch_balance_loss
 
 
 @register_router("topk")
@@ -91,7 +91,7 @@ class DAMEXRouter(Router):
 
     @classmethod
     def kwargs_from_cfg(cls, cfg, dataset_names: List[str]) -> dict:
-        from .mapping_cfg import first_expert_per_dataset
+        from gem_d2.modeling.moe.mapping_cfg import first_expert_per_dataset
 
         d = cfg.MODEL.GEM.DAMEX
         return dict(dataset_to_expert=first_expert_per_dataset(cfg, dataset_names), loss_coef=d.LOSS_COEF,

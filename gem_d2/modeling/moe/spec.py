@@ -4,8 +4,8 @@ from __future__ import annotations
 import re
 from typing import List, Optional, Sequence, Union
 
-from ..ffn import MoESpec
-from .base import ROUTER_REGISTRY, check_positive_int
+from gem_d2.modeling.moe.base import ROUTER_REGISTRY, check_positive_int
+from gem_d2.modeling.moe.context import MoESpec
 
 _LAYER = re.compile(r"^(encoder|decoder)\.(\d+)$")
 

@@ -4,10 +4,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Tuple
 
-from ..uodb import UODB_DATASETS, UodbSpec
-from .errors import MissingSourceError
-from .records import SplitStats
-from .tree import VocTreeWriter
+from gem_d2.data.uodb import UODB_DATASETS, UodbSpec
+from gem_d2.prepare.errors import MissingSourceError
+from gem_d2.prepare.records import SplitStats
+from gem_d2.prepare.tree import VocTreeWriter
 
 FolderSplit = Tuple[str, str]  # (output folder, split file name)
 

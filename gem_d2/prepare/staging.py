@@ -11,7 +11,7 @@ import shutil
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-from .manifest import MANIFEST_NAME
+from gem_d2.prepare.manifest import MANIFEST_NAME
 
 STAGING_PREFIX = ".uodb-staging-"
 

@@ -12,87 +12,34 @@ date: the encoder sets ``ctx.key_padding_mask`` (and clears the decoder fields);
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .box_ops import inverse_sigmoid
-from .ffn import FFN, MoESpec, RoutingContext, build_ffn
-from .ms_deform_attn import MSDeformAttn
-from .position_encoding import box_sine_embedding
+from gem_d2.layers.blockwise_linear import BlockwiseLinear
+from gem_d2.layers.box_ops import inverse_sigmoid
+from gem_d2.layers.mlp import FFN, MLP
+from gem_d2.layers.ms_deform_attn import MSDeformAttn
+from gem_d2.layers.position_encoding import box_sine_embedding
+from gem_d2.modeling.dino.query_selection import (
+    encoder_proposals,
+    encoder_reference_points,
+    masked_class_argmax,
+    select_topk_in_blocks,
+    valid_ratios,
+)
+from gem_d2.modeling.moe.context import MoESpec, RoutingContext
+from gem_d2.modeling.moe.layer import build_ffn
 
-__all__ = [
-    "MLP",
-    "DeformableEncoderLayer",
-    "DeformableEncoder",
-    "DeformableDecoderLayer",
-    "DeformableDecoder",
-    "DINOTransformer",
-    "build_dino_transformer",
-    "encoder_reference_points",
-    "valid_ratios",
-    "encoder_proposals",
-    "masked_class_argmax",
-    "select_topk_in_blocks",
-]
+__all__ = ["DeformableEncoderLayer", "DeformableEncoder", "DeformableDecoderLayer", "DeformableDecoder",
+           "DINOTransformer", "build_dino_transformer"]
 
 _PRIOR_PROB = 0.01  # focal-loss prior: class logits start at sigmoid^-1(0.01)
 
 
-class MLP(nn.Module):
-    """``num_layers`` Linear layers with ReLU between them. ``(..., in_dim) -> (..., out_dim)``."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int):
-        super().__init__()
-        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
-
-
-class BlockwiseLinear(nn.Linear):
-    """nn.Linear whose output rows are computed in blocks (``split_sizes``, default one block of all rows).
-
-    Same parameters and result as nn.Linear; one matmul per class block makes a block's logits bit-identical
-    whatever other blocks the layer has (a GEMM's rounding depends on its output width), so appending a
-    dataset's class block (few-shot adaptation) leaves the old datasets' outputs exactly unchanged.
-    """
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features)
-        self.split_sizes: Tuple[int, ...] = (out_features,)
-
-    def set_blocks(self, blocks: Sequence[Sequence[int]]) -> None:
-        """Use the contiguous ``(start, stop)`` blocks; rows they do not cover form blocks of their own."""
-        sizes, at = [], 0
-        for start, stop in sorted((int(a), int(b)) for a, b in blocks):
-            if start < at or stop > self.out_features or start >= stop:
-                raise ValueError(f"class blocks {list(blocks)} must be disjoint, non-empty and within "
-                                 f"[0, {self.out_features})")
-            if start > at:
-                sizes.append(start - at)
-            sizes.append(stop - start)
-            at = stop
-        if at < self.out_features:
-            sizes.append(self.out_features - at)
-        self.split_sizes = tuple(sizes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if len(self.split_sizes) == 1:
-            return super().forward(x)
-        return torch.cat([F.linear(x, w, b) for w, b in zip(self.weight.split(self.split_sizes),
-                                                              self.bias.split(self.split_sizes))], dim=-1)
-
-
-def _class_head(d_model: int, num_classes: int) -> BlockwiseLinear:
-    head = BlockwiseLinear(d_model, num_classes)
+def _class_head(d_model: int, num_classes: int, class_blocks: Sequence[Sequence[int]]) -> BlockwiseLinear:
+    head = BlockwiseLinear(d_model, num_classes, class_blocks)
     nn.init.constant_(head.bias, -math.log((1 - _PRIOR_PROB) / _PRIOR_PROB))
     return head
 
@@ -109,109 +56,6 @@ def _xavier_(module: nn.Module) -> None:
         if p.dim() > 1:
             nn.init.xavier_uniform_(p)
 
-
-# ----------------------------------------------------------------------------------------------
-# geometry helpers (pure functions, tested on their own)
-# ----------------------------------------------------------------------------------------------
-
-def valid_ratios(mask: Tensor) -> Tensor:
-    """``mask (N, H, W)`` bool True = pad -> ``(N, 2)`` valid fraction ``(w_ratio, h_ratio)`` of the map."""
-    _, h, w = mask.shape
-    valid_h = (~mask[:, :, 0]).sum(1).to(torch.float32)
-    valid_w = (~mask[:, 0, :]).sum(1).to(torch.float32)
-    return torch.stack([valid_w / w, valid_h / h], -1)
-
-
-def _level_sizes(spatial_shapes: Tensor) -> List[Tuple[int, int]]:
-    return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-
-
-def encoder_reference_points(spatial_shapes: Tensor, ratios: Tensor) -> Tensor:
-    """Reference point of every encoder token at every level.
-
-    Token ``(i, j)`` of level ``l`` sits at its cell centre normalised by the *valid* extent of its
-    image, ``((j + 0.5) / (r_w W_l), (i + 0.5) / (r_h H_l))``, then is mapped to each level ``l'`` by
-    multiplying with that level's valid ratio (the sampling grid covers the padded map).
-
-    Args:
-        spatial_shapes: ``(L, 2)`` ``(H_l, W_l)``.
-        ratios: ``(N, L, 2)`` ``(w_ratio, h_ratio)`` per level.
-    Returns:
-        ``(N, S, L, 2)`` normalised ``(x, y)``.
-    """
-    refs = []
-    for lvl, (h, w) in enumerate(_level_sizes(spatial_shapes)):
-        ys, xs = torch.meshgrid(torch.arange(h, dtype=ratios.dtype, device=ratios.device) + 0.5,
-                                torch.arange(w, dtype=ratios.dtype, device=ratios.device) + 0.5, indexing="ij")
-        x = xs.reshape(1, -1) / (ratios[:, None, lvl, 0] * w)
-        y = ys.reshape(1, -1) / (ratios[:, None, lvl, 1] * h)
-        refs.append(torch.stack([x, y], -1))
-    ref = torch.cat(refs, 1)
-    return ref[:, :, None] * ratios[:, None]
-
-
-def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor) -> Tuple[Tensor, Tensor]:
-    """DINO "standard" two-stage proposals: one box per token.
-
-    Token ``(i, j)`` of level ``l`` proposes the box centred on its cell (normalised by the valid
-    extent of its image) with ``w = h = 0.05 * 2^l``. Proposals of padded tokens, or with any
-    coordinate outside (0.01, 0.99), are invalid.
-
-    Args:
-        memory: ``(N, S, C)`` encoder output.
-        padding_mask: ``(N, S)`` bool True = pad.
-        spatial_shapes: ``(L, 2)``.
-    Returns:
-        ``(proposals_unact (N, S, 4)``: logits of the proposals, ``+inf`` where invalid;
-        ``invalid (N, S)`` bool``)``.
-    """
-    n = memory.shape[0]
-    props, start = [], 0
-    for lvl, (h, w) in enumerate(_level_sizes(spatial_shapes)):
-        mask_l = padding_mask[:, start:start + h * w].view(n, h, w)
-        valid_h = (~mask_l[:, :, 0]).sum(1).to(memory.dtype)
-        valid_w = (~mask_l[:, 0, :]).sum(1).to(memory.dtype)
-        ys, xs = torch.meshgrid(torch.arange(h, dtype=memory.dtype, device=memory.device),
-                                torch.arange(w, dtype=memory.dtype, device=memory.device), indexing="ij")
-        cx = (xs.reshape(1, -1) + 0.5) / valid_w[:, None]
-        cy = (ys.reshape(1, -1) + 0.5) / valid_h[:, None]
-        wh = torch.full_like(cx, 0.05 * (2.0 ** lvl))
-        props.append(torch.stack([cx, cy, wh, wh], -1))
-        start += h * w
-    proposals = torch.cat(props, 1)
-    invalid = padding_mask | ~((proposals > 0.01) & (proposals < 0.99)).all(-1)
-    proposals = torch.log(proposals / (1 - proposals)).masked_fill(invalid[..., None], float("inf"))
-    return proposals, invalid
-
-
-def masked_class_argmax(logits: Tensor, class_masks: Tensor) -> Tensor:
-    """``logits (N, T, K)``, ``class_masks (N, K)`` bool -> ``(N, T)`` argmax among each image's allowed classes."""
-    return logits.detach().masked_fill(~class_masks[:, None, :], float("-inf")).argmax(-1)
-
-
-def select_topk_in_blocks(logits: Tensor, class_masks: Tensor, k: int, invalid: Optional[Tensor] = None) -> Tensor:
-    """Indices of the ``k`` tokens with the highest class logit within each image's class block.
-
-    Args:
-        logits: ``(N, S, K)`` encoder class logits.
-        class_masks: ``(N, K)`` bool, True for the classes of the image's dataset.
-        k: number of tokens to keep (``<= S``).
-        invalid: ``(N, S)`` bool tokens never to prefer (padding, out-of-range proposals) or None.
-    Returns:
-        ``(N, k)`` long token indices, best first.
-    """
-    if k > logits.shape[1]:
-        raise ValueError(f"MODEL.DINO.NUM_QUERIES={k} exceeds the {logits.shape[1]} encoder tokens of this batch; "
-                         "use larger images or fewer queries")
-    scores = logits.detach().masked_fill(~class_masks[:, None, :], float("-inf")).max(-1).values
-    if invalid is not None:
-        scores = scores.masked_fill(invalid, float("-inf"))
-    return scores.topk(k, dim=1).indices
-
-
-# ----------------------------------------------------------------------------------------------
-# encoder
-# ----------------------------------------------------------------------------------------------
 
 class DeformableEncoderLayer(nn.Module):
     """Post-norm layer: deformable self-attention -> add & LN -> FFN(x, ctx) -> add & LN."""
@@ -307,7 +151,8 @@ class DeformableDecoder(nn.Module):
     """
 
     def __init__(self, layers: Sequence[DeformableDecoderLayer], d_model: int, num_classes: int,
-                 pe_temperature: float = 10000.0, look_forward_twice: bool = True):
+                 pe_temperature: float = 10000.0, look_forward_twice: bool = True,
+                 class_blocks: Sequence[Sequence[int]] = ()):
         super().__init__()
         if d_model % 2:
             raise ValueError(f"MODEL.DINO.HIDDEN_DIM={d_model} must be even (sine embedding uses C/2 per coordinate)")
@@ -317,7 +162,7 @@ class DeformableDecoder(nn.Module):
         self.look_forward_twice = look_forward_twice
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.norm = nn.LayerNorm(d_model)
-        self.class_heads = nn.ModuleList(_class_head(d_model, num_classes) for _ in layers)
+        self.class_heads = nn.ModuleList(_class_head(d_model, num_classes, class_blocks) for _ in layers)
         self.box_heads = nn.ModuleList(_box_head(d_model) for _ in layers)
 
     def forward(self, tgt: Tensor, reference: Tensor, memory: Tensor, memory_padding_mask: Optional[Tensor],
@@ -387,7 +232,7 @@ class DINOTransformer(nn.Module):
     """
 
     def __init__(self, encoder: DeformableEncoder, decoder: DeformableDecoder, d_model: int, num_levels: int,
-                 num_queries: int, num_classes: int):
+                 num_queries: int, num_classes: int, class_blocks: Sequence[Sequence[int]] = ()):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
@@ -399,7 +244,7 @@ class DINOTransformer(nn.Module):
         self.tgt_embed = nn.Embedding(num_queries, d_model)
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)
-        self.enc_class_head = _class_head(d_model, num_classes)
+        self.enc_class_head = _class_head(d_model, num_classes, class_blocks)
         self.enc_box_head = _box_head(d_model)
         self._reset_parameters()
 
@@ -490,8 +335,12 @@ def build_dino_transformer(d_model: int = 256, n_heads: int = 8, d_ffn: int = 20
                            dec_layers: int = 6, num_levels: int = 4, enc_points: int = 4, dec_points: int = 4,
                            num_queries: int = 900, num_classes: int = 91, dropout: float = 0.0,
                            activation: str = "relu", pe_temperature: float = 10000.0,
-                           look_forward_twice: bool = True, moe: Optional[MoESpec] = None) -> DINOTransformer:
-    """Build a :class:`DINOTransformer`; layer ``i``'s FFN comes from ``build_ffn("encoder.i"/"decoder.i", ...)``."""
+                           look_forward_twice: bool = True, moe: Optional[MoESpec] = None,
+                           class_blocks: Sequence[Sequence[int]] = ()) -> DINOTransformer:
+    """Build a :class:`DINOTransformer`; layer ``i``'s FFN comes from ``build_ffn("encoder.i"/"decoder.i", ...)``.
+
+    ``class_blocks``: the label space's ``(start, stop)`` blocks; every class head computes one matmul per block
+    (see :class:`~gem_d2.layers.blockwise_linear.BlockwiseLinear`)."""
     for key, v in (("HIDDEN_DIM", d_model), ("NHEADS", n_heads), ("DIM_FEEDFORWARD", d_ffn),
                    ("ENC_LAYERS", enc_layers), ("DEC_LAYERS", dec_layers), ("NUM_FEATURE_LEVELS", num_levels),
                    ("ENC_N_POINTS", enc_points), ("DEC_N_POINTS", dec_points), ("NUM_QUERIES", num_queries),
@@ -513,6 +362,6 @@ def build_dino_transformer(d_model: int = 256, n_heads: int = 8, d_ffn: int = 20
     dec = DeformableDecoder([
         DeformableDecoderLayer(d_model, n_heads, num_levels, dec_points,
                                build_ffn(f"decoder.{i}", d_model, d_ffn, dropout, activation, moe), dropout)
-        for i in range(dec_layers)], d_model, num_classes, pe_temperature, look_forward_twice)
-    return DINOTransformer(enc, dec, d_model, num_levels, num_queries, num_classes)
+        for i in range(dec_layers)], d_model, num_classes, pe_temperature, look_forward_twice, class_blocks)
+    return DINOTransformer(enc, dec, d_model, num_levels, num_queries, num_classes, class_blocks)
 

@@ -14,11 +14,11 @@ from typing import List, Tuple
 
 import numpy as np
 
-from .base import Context, Converter, folder_stats
-from .csvio import csv_rows
-from .errors import SourceFormatError
-from .images import load_image
-from .records import Box
+from gem_d2.prepare.base import Context, Converter, folder_stats
+from gem_d2.prepare.csvio import csv_rows
+from gem_d2.prepare.errors import SourceFormatError
+from gem_d2.prepare.images import load_image
+from gem_d2.prepare.records import Box
 
 CSV_NAME = "DL_info.csv"
 HU_OFFSET = 32768

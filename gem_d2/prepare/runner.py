@@ -3,11 +3,11 @@ import os
 from collections import Counter
 from typing import Callable, Dict, Iterable, Optional
 
-from ..uodb import UodbSpec
-from .base import Context, Converter, FolderSplit
-from .manifest import fingerprint, is_up_to_date, manifest_payload, write_manifest
-from .records import DatasetReport, SplitStats
-from .staging import commit, refuse_foreign, staging_area
+from gem_d2.data.uodb import UodbSpec
+from gem_d2.prepare.base import Context, Converter, FolderSplit
+from gem_d2.prepare.manifest import fingerprint, is_up_to_date, manifest_payload, write_manifest
+from gem_d2.prepare.records import DatasetReport, SplitStats
+from gem_d2.prepare.staging import commit, refuse_foreign, staging_area
 
 
 def aggregate(key: str, spec: UodbSpec, stats: Dict[FolderSplit, SplitStats], dropped: Counter) -> DatasetReport:

@@ -9,22 +9,22 @@ The choices made for each dataset, and where they come from, are in ``docs/prepa
 """
 from typing import Dict, List, Optional, Sequence
 
-from ..uodb import UODB_DATASETS
-from .base import Context, Converter
-from .check import CheckResult, check_dataset
-from .coco import CocoConverter
-from .deeplesion import DeepLesionConverter
-from .dota import DotaConverter
-from .errors import MissingSourceError, SourceFormatError
-from .images import LINK_MODES
-from .kitchen import DEFAULT_TEST_SCENES, KitchenConverter
-from .kitti import KittiConverter
-from .lisa import LisaConverter
-from .records import Box, DatasetReport, SplitStats
-from .runner import prepare_dataset, tqdm_progress
-from .summary import format_problems, format_reports
-from .vocdevkit import art_converter, voc_converter
-from .widerface import WiderFaceConverter
+from gem_d2.data.uodb import UODB_DATASETS
+from gem_d2.prepare.base import Context, Converter
+from gem_d2.prepare.check import CheckResult, check_dataset
+from gem_d2.prepare.coco import CocoConverter
+from gem_d2.prepare.deeplesion import DeepLesionConverter
+from gem_d2.prepare.dota import DotaConverter
+from gem_d2.prepare.errors import MissingSourceError, SourceFormatError
+from gem_d2.prepare.images import LINK_MODES
+from gem_d2.prepare.kitchen import DEFAULT_TEST_SCENES, KitchenConverter
+from gem_d2.prepare.kitti import KittiConverter
+from gem_d2.prepare.lisa import LisaConverter
+from gem_d2.prepare.records import Box, DatasetReport, SplitStats
+from gem_d2.prepare.runner import prepare_dataset, tqdm_progress
+from gem_d2.prepare.summary import format_problems, format_reports
+from gem_d2.prepare.vocdevkit import art_converter, voc_converter
+from gem_d2.prepare.widerface import WiderFaceConverter
 
 __all__ = ["Box", "CheckResult", "Context", "Converter", "DatasetReport", "LINK_MODES", "MissingSourceError",
            "SourceFormatError", "SplitStats", "check", "converters", "format_problems", "format_reports",

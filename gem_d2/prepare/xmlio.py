@@ -8,8 +8,8 @@ import xml.parsers.expat
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .errors import SourceFormatError
-from .records import Box
+from gem_d2.prepare.errors import SourceFormatError
+from gem_d2.prepare.records import Box
 
 
 @dataclass

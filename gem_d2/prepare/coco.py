@@ -10,11 +10,11 @@ import json
 import os
 from typing import Dict, List
 
-from ..uodb import COCO_IMAGE_DIR
-from .base import Context, Converter
-from .errors import SourceFormatError
-from .images import place_image
-from .records import SplitStats
+from gem_d2.data.uodb import COCO_IMAGE_DIR
+from gem_d2.prepare.base import Context, Converter
+from gem_d2.prepare.errors import SourceFormatError
+from gem_d2.prepare.images import place_image
+from gem_d2.prepare.records import SplitStats
 
 
 def load_json(path):

@@ -13,11 +13,11 @@ import glob
 import os
 from typing import Dict, List, Tuple
 
-from .base import Context, Converter, folder_stats
-from .errors import SourceFormatError
-from .images import image_size
-from .records import Box
-from .splits import hash_split
+from gem_d2.prepare.base import Context, Converter, folder_stats
+from gem_d2.prepare.errors import SourceFormatError
+from gem_d2.prepare.images import image_size
+from gem_d2.prepare.records import Box
+from gem_d2.prepare.splits import hash_split
 
 KITTI_CLASS_MAP = {"car": "car", "van": "car", "truck": "car", "pedestrian": "pedestrian",
                    "person_sitting": "pedestrian", "cyclist": "cyclist", "tram": None, "misc": None, "dontcare": None}

@@ -22,12 +22,12 @@ import re
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
-from .base import Context, Converter, folder_stats
-from .csvio import csv_rows
-from .errors import SourceFormatError
-from .images import image_size
-from .records import Box
-from .splits import hash_split
+from gem_d2.prepare.base import Context, Converter, folder_stats
+from gem_d2.prepare.csvio import csv_rows
+from gem_d2.prepare.errors import SourceFormatError
+from gem_d2.prepare.images import image_size
+from gem_d2.prepare.records import Box
+from gem_d2.prepare.splits import hash_split
 
 CSV_NAME = "allAnnotations.csv"
 TEST_FRACTION = 0.2

@@ -1,8 +1,8 @@
 """Text tables for the end of a run: images / boxes / classes per split, what was dropped, check problems."""
 from typing import List, Sequence
 
-from ..uodb import UODB_DATASETS
-from .records import DatasetReport
+from gem_d2.data.uodb import UODB_DATASETS
+from gem_d2.prepare.records import DatasetReport
 
 MAX_PROBLEMS_SHOWN = 20
 MAX_CLASSES_SHOWN = 6

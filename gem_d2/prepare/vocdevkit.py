@@ -10,8 +10,8 @@ released by Inoue et al. (naoto0804/cross-domain-detection), which the reference
 import os
 from typing import Dict, List, Tuple
 
-from .base import Context, Converter
-from .errors import SourceFormatError
+from gem_d2.prepare.base import Context, Converter
+from gem_d2.prepare.errors import SourceFormatError
 
 STANDARD_SPLITS = ("train", "val", "trainval", "test")
 

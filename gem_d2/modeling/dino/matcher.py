@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from gem_d2.layers.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 __all__ = ["HungarianMatcher", "focal_class_cost", "check_targets"]
 

@@ -11,11 +11,11 @@ import glob
 import os
 from typing import List, Sequence, Tuple
 
-from .base import Context, Converter, folder_stats
-from .errors import SourceFormatError
-from .images import image_size
-from .records import Box
-from .xmlio import parse_voc_xml
+from gem_d2.prepare.base import Context, Converter, folder_stats
+from gem_d2.prepare.errors import SourceFormatError
+from gem_d2.prepare.images import image_size
+from gem_d2.prepare.records import Box
+from gem_d2.prepare.xmlio import parse_voc_xml
 
 DEFAULT_TEST_SCENES = (2, 4, 5)
 

@@ -2,7 +2,7 @@
 import os
 from typing import Optional
 
-from ..voc import DatasetFormatError
+from gem_d2.data.voc import DatasetFormatError
 
 
 class SourceFormatError(DatasetFormatError):

@@ -8,10 +8,10 @@ kept as difficult. Image ids are the file names without extension (unique in WID
 import os
 from typing import List, Tuple
 
-from .base import Context, Converter, folder_stats
-from .errors import SourceFormatError
-from .images import image_size
-from .records import Box
+from gem_d2.prepare.base import Context, Converter, folder_stats
+from gem_d2.prepare.errors import SourceFormatError
+from gem_d2.prepare.images import image_size
+from gem_d2.prepare.records import Box
 
 SPLITS = ("train", "val")
 

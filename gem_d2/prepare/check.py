@@ -11,14 +11,14 @@ from typing import Dict, List, Optional, Tuple
 
 from PIL import Image
 
-from ..uodb import COCO_IMAGE_DIR, UODB_DATASETS, UodbSpec
-from .coco import load_json, validate_coco
-from .errors import SourceFormatError
-from .images import large_images
-from .manifest import read_manifest
-from .records import DatasetReport, SplitStats
-from .runner import aggregate
-from .xmlio import parse_voc_xml
+from gem_d2.data.uodb import COCO_IMAGE_DIR, UODB_DATASETS, UodbSpec
+from gem_d2.prepare.coco import load_json, validate_coco
+from gem_d2.prepare.errors import SourceFormatError
+from gem_d2.prepare.images import large_images
+from gem_d2.prepare.manifest import read_manifest
+from gem_d2.prepare.records import DatasetReport, SplitStats
+from gem_d2.prepare.runner import aggregate
+from gem_d2.prepare.xmlio import parse_voc_xml
 
 EPS = 1e-6
 
@@ -116,7 +116,7 @@ def _check_voc_image(spec, root, image_id, classes, result) -> Optional[SplitSta
 
 
 def _check_coco(spec: UodbSpec, output: str, result: CheckResult) -> Dict[Tuple[str, str], SplitStats]:
-    from .coco import coco_stats
+    from gem_d2.prepare.coco import coco_stats
 
     folder = spec.splits[next(iter(spec.splits))][0][0]
     image_dir = os.path.join(output, folder, COCO_IMAGE_DIR)

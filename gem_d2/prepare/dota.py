@@ -16,10 +16,10 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from .base import Context, Converter, folder_stats
-from .errors import SourceFormatError
-from .images import load_image
-from .records import Box
+from gem_d2.prepare.base import Context, Converter, folder_stats
+from gem_d2.prepare.errors import SourceFormatError
+from gem_d2.prepare.images import load_image
+from gem_d2.prepare.records import Box
 
 PATCH, OVERLAP, MIN_VISIBLE, MIN_SIDE = 800, 200, 0.7, 2.0
 SPLITS = ("train", "val")

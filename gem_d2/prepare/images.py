@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import numpy as np
 from PIL import Image
 
-from .errors import SourceFormatError
+from gem_d2.prepare.errors import SourceFormatError
 
 LINK_MODES = ("hardlink", "symlink", "copy")
 JPEG_QUALITY = 95  # for images that must be re-encoded as JPEG (KITTI frames, DOTA patches)

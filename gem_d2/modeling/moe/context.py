@@ -1,8 +1,8 @@
-"""The transformer FFN and the one factory every encoder/decoder layer builds its FFN through.
+"""What a router sees of one forward pass (:class:`RoutingContext`) and which FFNs are MoE (:class:`MoESpec`).
 
-A layer calls ``self.ffn(x, ctx)`` with ``x`` (N, L, C) and a :class:`RoutingContext` describing the
-tokens (which dataset each image comes from, padding, query segments). A dense FFN ignores ``ctx``;
-an MoE layer (gem_d2.modeling.moe) routes with it and records auxiliary losses/statistics in it.
+A transformer layer calls ``self.ffn(x, ctx)`` with ``x`` (N, L, C) and a :class:`RoutingContext`
+describing the tokens (which dataset each image comes from, padding, query segments). A dense FFN
+ignores ``ctx``; an MoE layer routes with it and records auxiliary losses/statistics in it.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
 import torch
-from torch import nn
 
 
 @dataclass
@@ -39,27 +38,6 @@ class RoutingContext:
     prev_router_logits: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _activation(name: str) -> nn.Module:
-    acts = {"relu": nn.ReLU, "gelu": nn.GELU}
-    if name not in acts:
-        raise ValueError(f"MODEL.DINO.ACTIVATION={name!r}: expected one of {sorted(acts)}")
-    return acts[name]()
-
-
-class FFN(nn.Module):
-    """Linear(d_model, d_ffn) -> activation -> dropout -> Linear(d_ffn, d_model). (N, L, C) -> (N, L, C)."""
-
-    def __init__(self, d_model: int, d_ffn: int, dropout: float = 0.0, activation: str = "relu"):
-        super().__init__()
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.activation = _activation(activation)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
-
-    def forward(self, x: torch.Tensor, ctx: Optional[RoutingContext] = None) -> torch.Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
-
-
 @dataclass
 class MoESpec:
     """Which FFNs are expert banks and how they route (built from MODEL.GEM by the meta-arch).
@@ -74,13 +52,3 @@ class MoESpec:
     router: str
     router_kwargs: dict = field(default_factory=dict)
     num_datasets: Optional[int] = None
-
-
-def build_ffn(layer_name: str, d_model: int, d_ffn: int, dropout: float, activation: str,
-              moe: Optional[MoESpec] = None) -> nn.Module:
-    """The FFN of layer ``layer_name`` ("encoder.i" / "decoder.i"): an MoE bank if ``moe`` lists it."""
-    if moe is None or layer_name not in moe.layers:
-        return FFN(d_model, d_ffn, dropout, activation)
-    from .moe import MoEFFN  # local import: the MoE package builds on this module
-
-    return MoEFFN(layer_name, d_model, d_ffn, dropout, activation, moe)

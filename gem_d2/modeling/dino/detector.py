@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .denoising import prepare_cdn, split_dn_outputs
-from .ffn import RoutingContext
-from .neck import ChannelMapper
-from .position_encoding import PositionEmbeddingSine
-from .transformer import DINOTransformer
+from gem_d2.layers.neck import ChannelMapper
+from gem_d2.layers.position_encoding import PositionEmbeddingSine
+from gem_d2.modeling.dino.denoising import prepare_cdn, split_dn_outputs
+from gem_d2.modeling.dino.transformer import DINOTransformer
+from gem_d2.modeling.moe.context import RoutingContext
 
 __all__ = ["DINO", "class_block_masks"]
 

@@ -8,11 +8,11 @@ import os
 from collections import Counter
 from typing import Dict, List, Optional, Sequence
 
-from ..voc_xml import voc_xml_text
-from .errors import SourceFormatError
-from .images import place_image, save_image
-from .records import Box, SplitStats
-from .xmlio import parse_voc_xml, write_text
+from gem_d2.data.voc_xml import voc_xml_text
+from gem_d2.prepare.errors import SourceFormatError
+from gem_d2.prepare.images import place_image, save_image
+from gem_d2.prepare.records import Box, SplitStats
+from gem_d2.prepare.xmlio import parse_voc_xml, write_text
 
 DROP_UNKNOWN = "class not in the UODB list: {}"
 DROP_EMPTY_BOX = "box empty after clipping to the image"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 from typing import Iterator, List, Sequence, Tuple
 
-from .errors import SourceFormatError
+from gem_d2.prepare.errors import SourceFormatError
 
 
 def csv_rows(path, columns: Sequence[str], delimiter: str = ",") -> Iterator[Tuple[int, List[str]]]:

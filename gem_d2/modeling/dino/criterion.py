@@ -20,9 +20,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-from .box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
-from .denoising import dn_match_indices
-from .matcher import check_targets
+from gem_d2.layers.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
+from gem_d2.modeling.dino.denoising import dn_match_indices
+from gem_d2.modeling.dino.matcher import check_targets
 
 __all__ = ["SetCriterion", "average_num_boxes"]
 
