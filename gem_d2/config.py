@@ -1,14 +1,14 @@
 """gem_d2's configuration keys: ``add_gem_config(cfg)`` adds every new key with its default.
 
 Defaults are DINO-4scale R50 as in its paper/reference code (see configs/Base-GEM-DINO.yaml) and
-the GEM method of DESIGN.md. Only ``from_config`` methods read these keys.
+the GEM method of docs/design/. Only ``from_config`` methods and the engine read these keys.
 """
 from detectron2.config import CfgNode as CN
 
 
 def add_gem_config(cfg: CN) -> CN:
     """Add gem_d2's keys (with defaults) to a detectron2 config in place; returns it. Idempotent."""
-    if getattr(cfg, "_gem_d2_added", False) or "GEM" in cfg.MODEL:
+    if "GEM" in cfg.MODEL:
         return cfg
     _add_dino(cfg)
     _add_gem(cfg)
@@ -58,8 +58,7 @@ def _add_gem(cfg: CN) -> None:
     g.UNITS = []  # planned unit names (datasets, or "dataset/class" at class level)
     g.MAPPING = []  # per unit, its expert ids (list of lists); empty = plan before training
     g.MAPPING_WEIGHTS = []  # per unit, combination weights of its experts (k > 1)
-    g.TEST_ROUTING = "dataset"  # dataset (known dataset id) | auto (nearest unit prototype)
-    g.PROTOTYPES = ""  # .npz of unit prototypes for auto routing; "" = taken from the checkpoint
+    g.TEST_ROUTING = "dataset"  # dataset (known dataset id) | auto (a fitted classifier identifies the dataset)
     g.LOAD_CHECKPOINT_MAPPING = False  # take MAPPING/UNITS from the checkpoint instead of erroring
     g.PLANNER = p = CN()
     p.LEVEL = "dataset"  # dataset | class: what a planning unit is

@@ -111,7 +111,7 @@ def run(args) -> dict:
               "quick": bool(args.quick), "rows": rows, "minutes": (time.time() - t0) / 60}
     text = markdown(report)
     print(text)
-    from gem_d2.engine.checkpoint import atomic_write
+    from gem_d2.utils.files import atomic_write
 
     atomic_write(os.path.join(out, "adapt_report.md"), lambda f: f.write(text), binary=False)
     atomic_write(os.path.join(out, "adapt_report.json"), lambda f: json.dump(report, f, indent=1), binary=False)

@@ -190,7 +190,7 @@ def run(args) -> dict:
         "results": results,
     }
     if args.output:
-        from gem_d2.engine.checkpoint import atomic_write
+        from gem_d2.utils.files import atomic_write
 
         atomic_write(args.output, lambda f: json.dump(report, f, indent=2), binary=False)
         print(f"wrote {args.output}")

@@ -508,7 +508,7 @@ def run(args) -> dict:
         "rows": rows,
     }
     if args.output:
-        from gem_d2.engine.checkpoint import atomic_write
+        from gem_d2.utils.files import atomic_write
 
         atomic_write(args.output, lambda f: json.dump(report, f, indent=2), binary=False)
         print(f"wrote {args.output}")

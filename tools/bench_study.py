@@ -162,7 +162,7 @@ def train_one(router: str, seed: int, args, quick_root: Optional[str]) -> dict:
         raise RuntimeError(f"study run {router}/seed{seed} failed (exit {proc.returncode}); log {log}:\n{tail}")
     result = collect_run(out_dir)
     result.update(router=router, seed=seed, iters=args.iters, seconds=time.time() - t0, command=cmd)
-    from gem_d2.engine.checkpoint import atomic_write
+    from gem_d2.utils.files import atomic_write
 
     atomic_write(done, lambda f: json.dump(result, f, indent=1), binary=False)
     return result
@@ -367,7 +367,7 @@ def run(args) -> dict:
     figures = plot(study, runs, args.output_dir)
     study["figures"] = figures
     study["runs"] = [{k: v for k, v in x.items() if k != "routing_counts"} for x in runs]
-    from gem_d2.engine.checkpoint import atomic_write
+    from gem_d2.utils.files import atomic_write
 
     for name, content in (("study.md", text), ("study.json", json.dumps(study, indent=1))):
         atomic_write(os.path.join(args.output_dir, name), lambda f, c=content: f.write(c), binary=False)

@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
-"""Plan GEM's unit -> experts mapping for a config (DESIGN §1) and write it as a config fragment.
+"""Plan GEM's unit -> experts mapping for a config (docs/design/planner.md) and write it as a config fragment.
 
     python tools/plan_experts.py --config-file configs/dino_synth_small.yaml [--output DIR] [KEY VALUE ...]
 
 Writes into ``--output`` (default ``OUTPUT_DIR``):
 
-- ``plan.yaml``: MODEL.GEM.{NUM_EXPERTS, EXPERTS_PER_UNIT, UNITS, MAPPING, MAPPING_WEIGHTS, PROTOTYPES}; merge
+- ``plan.yaml``: MODEL.GEM.{NUM_EXPERTS, EXPERTS_PER_UNIT, UNITS, MAPPING, MAPPING_WEIGHTS}; merge
   it after your config (``cfg.merge_from_file``, or ``train_net.py --config-file cfg.yaml`` with
   ``MODEL.GEM.MAPPING`` etc. taken from it) or name it as ``_BASE_``;
 - ``planned_config.yaml``: the full config with the mapping filled in (``train_net.py --config-file`` it);
-- ``plan_report.json``, ``plan_heatmap.png`` (x* and the final mapping), ``plan_prototypes.npz``.
+- ``plan_report.json``, ``plan_heatmap.png`` (x* and the final mapping).
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from detectron2.utils.logger import setup_logger
 
 from gem_d2.engine.setup import build_cfg, prepare_datasets
 from gem_d2.planner import plan_from_cfg
-from gem_d2.planner.pipeline import PLAN_YAML, PROTOTYPES_NPZ
+from gem_d2.planner.pipeline import PLAN_YAML
+from gem_d2.utils.files import atomic_write_text
 
 logger = logging.getLogger("gem_d2.plan_experts")
 
@@ -48,15 +49,13 @@ def main(argv=None) -> dict:
     os.makedirs(output, exist_ok=True)
     setup_logger(output, name="gem_d2", abbrev_name="gem")
     prepare_datasets(cfg)
-    plan, mapping, _ = plan_from_cfg(cfg, output)
+    plan, mapping = plan_from_cfg(cfg, output)
     planned = cfg.clone()
     mapping.to_cfg(planned)
-    planned.MODEL.GEM.PROTOTYPES = os.path.abspath(os.path.join(output, PROTOTYPES_NPZ))
-    with open(os.path.join(output, PLANNED_CONFIG), "w", encoding="utf-8") as f:
-        f.write(planned.dump())
+    atomic_write_text(os.path.join(output, PLANNED_CONFIG), planned.dump())
     print(plan.format_report())
     paths = {name: os.path.join(output, name) for name in
-             (PLAN_YAML, PLANNED_CONFIG, "plan_report.json", "plan_heatmap.png", PROTOTYPES_NPZ)}
+             (PLAN_YAML, PLANNED_CONFIG, "plan_report.json", "plan_heatmap.png")}
     print("\nwritten:\n" + "\n".join(f"  {p}" for p in paths.values()))
     return paths
 

@@ -5,15 +5,14 @@
 
 1. generates the 5-domain dataset (once; UODB VOC layout, read back by the real loader) and prints
    its per-domain summary;
-2. runs tools/train_net.py's main: plans the dataset->expert mapping (LP + rounding; report and
-   heatmap in OUTPUT_DIR/plan), trains GEM-DINO, evaluates every domain (UODB protocol + COCO AP);
+2. runs gem_d2.engine.setup.train_main (what tools/train_net.py launches): plans the dataset->expert
+   mapping (LP + rounding; report and heatmap in OUTPUT_DIR/plan), trains GEM-DINO, evaluates every domain (UODB protocol + COCO AP);
 3. prints the per-domain table and where every artefact is (OUTPUT_DIR, default output/demo).
 
 Re-running resumes from OUTPUT_DIR's last checkpoint (a finished run is only re-evaluated).
 """
 import gem_d2  # noqa: F401,I001  (first: compatibility shims, registrations)
 
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -21,16 +20,10 @@ from pathlib import Path
 from detectron2.engine import default_argument_parser
 
 from gem_d2.data import ensure_synthetic, summarize_datasets
+from gem_d2.engine.setup import build_cfg, train_main
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "gem_dino_synth_demo.yaml"
-
-
-def load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", ROOT / "tools" / "train_net.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main(argv=None) -> None:
@@ -39,15 +32,14 @@ def main(argv=None) -> None:
     if not args.config_file:
         args.config_file = str(DEFAULT_CONFIG)
     args.resume = True  # idempotent: a second run continues (or only re-evaluates) the first
-    train_net = load_train_net()
-    cfg = train_net.build_cfg(args)
+    cfg = build_cfg(args.config_file, args.opts)
 
     print("== 1/3 generated multi-domain data ==", flush=True)
     ensure_synthetic(cfg)
     print(summarize_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)), flush=True)
 
     print("== 2/3 plan, train and evaluate GEM-DINO (progress and ETA lines below) ==", flush=True)
-    train_net.main(args)
+    train_main(args)
 
     out = Path(cfg.OUTPUT_DIR)
     print("== 3/3 results ==", flush=True)

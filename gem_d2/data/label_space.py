@@ -15,6 +15,7 @@ from typing import List, Sequence, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from gem_d2.data.catalog import UnknownDatasetError, dataset_domain, require_registered
+from gem_d2.utils.checks import check_index_range
 
 METADATA_KEY = "gem_label_blocks"
 
@@ -114,8 +115,7 @@ class UnifiedLabelSpace:
             if not 0 <= local < n:
                 raise ValueError(f"class id {local} out of range for '{self.dataset_names[index]}' ({n} classes)")
             return start + local
-        if len(local) and (int(local.min()) < 0 or int(local.max()) >= n):
-            raise ValueError(f"class ids {local.tolist()} out of range for '{self.dataset_names[index]}' ({n} classes)")
+        check_index_range(local, n, f"class ids of '{self.dataset_names[index]}' ({n} classes)")
         return local + start
 
     def to_local(self, unified: int) -> Tuple[int, int]:

@@ -10,6 +10,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
 from gem_d2.data.label_space import UnifiedLabelSpace
+from gem_d2.utils.checks import check_index_range
 
 
 class ImageReadError(OSError):
@@ -90,9 +91,7 @@ class GemDatasetMapper(DatasetMapper):
         out["class_block"] = (start, stop)
         if "instances" in out:
             gt = out["instances"].gt_classes
-            if len(gt) and (int(gt.min()) < 0 or int(gt.max()) >= stop - start):
-                raise ValueError(f"{dataset_dict['file_name']}: category ids {gt.tolist()} outside dataset '{name}' "
-                                 f"({stop - start} classes)")
+            check_index_range(gt, stop - start, f"{dataset_dict['file_name']}: category ids of dataset '{name}'")
             out["instances"].gt_classes = gt + start
         return out
 

@@ -18,21 +18,35 @@
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
+import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog
 from detectron2.engine.train_loop import HookBase
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
 from torch import nn
 
 from gem_d2 import data as gem_data
+from gem_d2.data import UnifiedLabelSpace, register_few_shot
+from gem_d2.data.catalog import require_registered, strip_split_suffix
 from gem_d2.engine.launch import unwrap_model
 from gem_d2.engine.optimizer import build_gem_optimizer
+from gem_d2.engine.planning import resolve_gem_mapping, write_config
+from gem_d2.engine.setup import build_cfg, prepare_datasets
 from gem_d2.engine.trainer import GemTrainer
+from gem_d2.planner.mapping import GemMapping
+from gem_d2.planner.pipeline import plan_new_unit_from_cfg
+from gem_d2.utils.files import atomic_write_text
 
-__all__ = ["adapted_config", "load_extended_weights", "select_trainable", "AdaptTrainer", "CLASS_ROW_PARAMS"]
+__all__ = ["adapted_config", "load_extended_weights", "select_trainable", "AdaptTrainer", "CLASS_ROW_PARAMS",
+           "run_adaptation"]
 logger = logging.getLogger(__name__)
 
 # Parameters whose first dimension is the unified label space (one row per class).
@@ -66,14 +80,11 @@ def adapted_config(cfg: CfgNode, new_train: str, new_test: Sequence[str] = (),
     if g.ROUTER == "gem" and len(g.MOE_LAYERS):
         if new_experts is None:
             raise ValueError("adapted_config: the gem router needs the new unit's experts (new_experts)")
-        g.NUM_EXPERTS = int(g.NUM_EXPERTS) + int(num_new_experts)
-        g.UNITS = list(g.UNITS) + [new_train]
-        g.MAPPING = [list(r) for r in g.MAPPING] + [[int(j) for j in new_experts]]
-        if len(g.MAPPING_WEIGHTS):
-            g.MAPPING_WEIGHTS = [list(r) for r in g.MAPPING_WEIGHTS] + [list(new_weights or [])]
+        mapping = GemMapping.from_cfg(cfg).with_unit(new_train, [int(j) for j in new_experts], new_weights,
+                                                     num_experts=int(g.NUM_EXPERTS) + int(num_new_experts))
+        mapping.to_cfg(out)
     elif num_new_experts:
         raise ValueError(f"MODEL.GEM.ADAPT.NEW_EXPERTS={num_new_experts} needs ROUTER gem (got {g.ROUTER!r})")
-    g.PROTOTYPES = ""  # recomputed for the extended units at the end of fine-tuning
     return out
 
 
@@ -88,7 +99,7 @@ def load_extended_weights(model: nn.Module, state: Dict[str, torch.Tensor], old_
     Any other difference (or a missing key) is an error naming it.
     """
     target = unwrap_model(model).state_dict()
-    target = {k: v for k, v in target.items() if "auto_router." not in k}
+    target = {k: v for k, v in target.items() if "dataset_classifier." not in k}
     missing = [k for k in target if k not in state]
     if missing:
         raise KeyError(f"checkpoint lacks {len(missing)} tensors of the adapted model, e.g. {missing[:3]}: it is not "
@@ -204,3 +215,94 @@ class AdaptTrainer(GemTrainer):
 def experts_of_units(mapping: List[List[int]]) -> List[int]:
     """Sorted expert ids used by any row of ``mapping``."""
     return sorted({int(j) for row in mapping for j in row})
+
+
+def default_test_name(train_name: str):
+    base = strip_split_suffix(train_name)
+    for split in ("test", "val"):
+        if f"{base}_{split}" in DatasetCatalog.list():
+            return f"{base}_{split}"
+    return None
+
+
+def ap_table(results) -> dict:
+    return {name: {"AP50": float(r["uodb"]["AP50_voc07"]), "AP": float(r["uodb"].get("AP", float("nan")))}
+            for name, r in results.items()}
+
+
+def run_adaptation(args) -> dict:
+    """The whole few-shot adaptation of ``tools/adapt.py`` (``args``: its parsed command line: config_file, weights,
+    new_dataset, new_test, shots, output_dir, opts); returns the result dict also written to ``adapt_result.json``."""
+    t0 = time.time()
+    cfg = build_cfg(args.config_file, args.opts)
+    prepare_datasets(cfg)
+    a = cfg.MODEL.GEM.ADAPT
+    shots = int(args.shots if args.shots is not None else a.SHOTS)
+    require_registered(args.new_dataset)
+    new_test = args.new_test or default_test_name(args.new_dataset)
+    if new_test is None:
+        raise ValueError(f"no test dataset found for {args.new_dataset!r}; pass --new-test")
+    require_registered(new_test)
+    out_dir = args.output_dir or f"{cfg.OUTPUT_DIR.rstrip('/')}_adapt_{args.new_dataset}_{shots}shot"
+    os.makedirs(out_dir, exist_ok=True)
+    setup_logger(out_dir, name="gem_d2", abbrev_name="gem")
+    setup_logger(out_dir, name="detectron2", abbrev_name="d2")
+    cfg.MODEL.WEIGHTS = args.weights
+    cfg.OUTPUT_DIR = out_dir
+    seed_all_rng(int(cfg.SEED) if int(cfg.SEED) >= 0 else int(a.SEED))  # new class rows' init, data order
+    resolve_gem_mapping(cfg, resume=False, eval_only=True)  # the trained mapping, from the config or checkpoint
+    few = register_few_shot(args.new_dataset, shots, int(a.SEED))
+    logger.info(f"{few}: {len(DatasetCatalog.get(few))} images ({shots}-shot per class, seed {a.SEED})")
+
+    router = cfg.MODEL.GEM.ROUTER
+    gem = router == "gem" and len(cfg.MODEL.GEM.MOE_LAYERS) > 0
+    old_classes = UnifiedLabelSpace(list(cfg.DATASETS.TRAIN)).num_classes
+    old_experts = int(cfg.MODEL.GEM.NUM_EXPERTS)
+    num_new = int(a.NEW_EXPERTS) if gem else 0
+    if int(a.NEW_EXPERTS) and not gem:
+        logger.info(f"MODEL.GEM.ADAPT.NEW_EXPERTS={a.NEW_EXPERTS} ignored: router {router!r} fine-tunes its "
+                    f"own experts")
+    plan = None
+    experts = weights = None
+    best_old = None
+    if gem:
+        experts, weights, best_old, plan = plan_new_unit_from_cfg(cfg, few, num_new)
+        logger.info(f"new unit {few} -> experts {experts} (old rows fixed; appended experts: {num_new})")
+    new_cfg = adapted_config(cfg, few, [new_test], experts, weights, num_new)
+    new_cfg.SOLVER.MAX_ITER = int(a.MAX_ITER)
+    new_cfg.SOLVER.BASE_LR = float(a.BASE_LR)
+    new_cfg.SOLVER.STEPS = ()
+    new_cfg.SOLVER.WARMUP_ITERS = 0
+    new_cfg.SOLVER.CHECKPOINT_PERIOD = int(a.MAX_ITER)
+    new_cfg.TEST.EVAL_PERIOD = 0
+    new_cfg.freeze()
+    write_config(new_cfg, os.path.join(out_dir, "config.yaml"))
+
+    state = torch.load(args.weights, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    old_used = experts_of_units(list(cfg.MODEL.GEM.MAPPING)) if gem else None
+
+    def prepare(model):
+        load_extended_weights(model, state, old_classes, old_experts, best_old)
+        return select_trainable(model, router, old_classes, old_used)
+
+    trainer = AdaptTrainer(new_cfg, few, prepare)
+    before_cfg = new_cfg.clone()
+    before_cfg.defrost()
+    before_cfg.OUTPUT_DIR = os.path.join(out_dir, "before")
+    os.makedirs(before_cfg.OUTPUT_DIR, exist_ok=True)
+    before = ap_table(GemTrainer.test(before_cfg, trainer.model))
+    after = ap_table(trainer.train() or GemTrainer.test(new_cfg, trainer.model))
+    result = {
+        "router": router, "new_dataset": args.new_dataset, "few_shot_dataset": few, "new_test": new_test,
+        "shots": shots, "seed": int(a.SEED), "images": len(DatasetCatalog.get(few)), "iterations": int(a.MAX_ITER),
+        "new_experts": num_new, "plan": plan, "mapping": [list(r) for r in new_cfg.MODEL.GEM.MAPPING],
+        "units": list(new_cfg.MODEL.GEM.UNITS),
+        "trainable_tensors": sorted(trainer.trainable), "before": before, "after": after,
+        "old_test": [t for t in new_cfg.DATASETS.TEST if t != new_test],
+        "checkpoint": os.path.join(out_dir, "model_final.pth"), "minutes": (time.time() - t0) / 60,
+    }
+    atomic_write_text(os.path.join(out_dir, "adapt_result.json"), json.dumps(result, indent=1))
+    logger.info("adaptation AP50 before -> after: " + ", ".join(
+        f"{d}: {before[d]['AP50']:.1f} -> {after[d]['AP50']:.1f}" for d in after))
+    return result

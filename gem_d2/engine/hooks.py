@@ -11,9 +11,9 @@ import torch
 from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 
-from gem_d2.engine.checkpoint import atomic_write
 from gem_d2.engine.launch import unwrap_model
 from gem_d2.engine.plotting import plot_training_curves
+from gem_d2.utils.files import atomic_write
 
 __all__ = ["RoutingStatsHook", "TrainingCurvesHook"]
 logger = logging.getLogger(__name__)

@@ -19,10 +19,10 @@ from detectron2.utils.logger import setup_logger
 from gem_d2 import data as gem_data
 from gem_d2 import evaluation as gem_evaluation
 from gem_d2.engine.checkpoint import GemCheckpointer
+from gem_d2.engine.dataset_classifier import DatasetClassifierHook, fit_dataset_classifier
 from gem_d2.engine.hooks import RoutingStatsHook, TrainingCurvesHook
 from gem_d2.engine.launch import create_ddp_model, unwrap_model
 from gem_d2.engine.optimizer import build_gem_optimizer
-from gem_d2.engine.routing_prototypes import RoutingPrototypesHook, compute_routing_prototypes
 
 __all__ = ["GemTrainer", "GemAMPTrainer", "amp_dtype"]
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class GemTrainer(DefaultTrainer):
     ``test`` evaluates every ``DATASETS.TEST`` dataset and writes the summary table
     (``results_table.md``/``results.json``) into ``OUTPUT_DIR``; AdamW with a backbone LR multiplier
     (:func:`build_gem_optimizer`); DDP that also works on CPU (gloo); AMP with float16/bfloat16 on
-    CUDA; :class:`GemCheckpointer` (GEM mapping and prototypes in every checkpoint, atomic writes);
+    CUDA; :class:`GemCheckpointer` (GEM mapping in every checkpoint, atomic writes);
     optimizer (and grad scaler) state saved and restored on ``--resume``; routing statistics in the
     event storage and a ``training_curves.png`` at the end.
 
@@ -132,7 +132,7 @@ class GemTrainer(DefaultTrainer):
         writer_at = next((i for i, h in enumerate(ret) if isinstance(h, d2_hooks.PeriodicWriter)), len(ret))
         ret.insert(writer_at, routing)
         ckpt_at = next((i for i, h in enumerate(ret) if isinstance(h, d2_hooks.PeriodicCheckpointer)), 0)
-        ret.insert(ckpt_at, RoutingPrototypesHook(self.cfg, self.cfg.TEST.EVAL_PERIOD))
+        ret.insert(ckpt_at, DatasetClassifierHook(self.cfg, self.cfg.TEST.EVAL_PERIOD))
         if comm.is_main_process():
             ret.append(TrainingCurvesHook(self.cfg.OUTPUT_DIR))
         return ret
@@ -176,9 +176,9 @@ class GemTrainer(DefaultTrainer):
             evaluators = [evaluators]
         if evaluators is not None and len(evaluators) != len(cfg.DATASETS.TEST):
             raise ValueError(f"{len(evaluators)} evaluators for {len(cfg.DATASETS.TEST)} DATASETS.TEST datasets")
-        router = getattr(unwrap_model(model), "auto_router", None)
-        if cfg.MODEL.GEM.TEST_ROUTING == "auto" and router is not None and not bool(router.ready):
-            compute_routing_prototypes(model, cfg)  # e.g. --eval-only on a checkpoint saved without them
+        classifier = unwrap_model(model).dataset_classifier
+        if cfg.MODEL.GEM.TEST_ROUTING == "auto" and classifier is not None and not bool(classifier.ready):
+            fit_dataset_classifier(model, cfg)  # e.g. --eval-only on a checkpoint of a run that never evaluated
         results: Dict[str, dict] = OrderedDict()
         for idx, name in enumerate(cfg.DATASETS.TEST):
             loader = cls.build_test_loader(cfg, name)
@@ -195,15 +195,4 @@ class GemTrainer(DefaultTrainer):
 
 def _train_dataset_names(cfg: CfgNode) -> List[str]:
     # Rows of model.routing_stats follow the unified label space's dataset order.
-    space_cls = getattr(gem_data, "UnifiedLabelSpace", None)
-    if space_cls is not None:
-        try:
-            space = space_cls.from_cfg(cfg)
-        except Exception as e:  # noqa: BLE001 - names are cosmetic; fall back to DATASETS.TRAIN
-            logger.warning(f"Unified label space unavailable for routing-stat names: {e!r}")
-        else:
-            for attr in ("dataset_names", "datasets", "names"):
-                names = getattr(space, attr, None)
-                if names:
-                    return [str(n) for n in names]
-    return list(cfg.DATASETS.TRAIN)
+    return list(gem_data.UnifiedLabelSpace.from_cfg(cfg).dataset_names)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -42,6 +41,7 @@ from detectron2.utils import comm
 from gem_d2.data.catalog import dataset_domain
 from gem_d2.evaluation.coco_ap import coco_box_ap
 from gem_d2.evaluation.voc07_ap import voc07_ap_per_class
+from gem_d2.utils.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -86,21 +86,6 @@ def _load_ground_truth(dataset_name: str, num_classes: int) -> _GroundTruth:
         image_ids, index, np.asarray(image, dtype=np.int64), np.asarray(category, dtype=np.int64),
         np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(ignore, dtype=bool),
     )
-
-
-def _atomic_write(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def json_safe(obj):
@@ -217,7 +202,7 @@ class UODBEvaluator(DatasetEvaluator):
         metrics = self._compute(predictions)
         if self._output_dir:
             path = os.path.join(self._output_dir, f"uodb_metrics_{self._dataset_name}.json")
-            _atomic_write(path, json.dumps(json_safe(metrics), indent=2) + "\n")
+            atomic_write_text(path, json.dumps(json_safe(metrics), indent=2) + "\n")
         return OrderedDict([(RESULT_KEY, metrics)])
 
     def _compute(self, predictions: List[dict]) -> OrderedDict[str, float]:

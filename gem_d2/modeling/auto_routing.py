@@ -1,14 +1,13 @@
-"""Test-time routing without a known dataset (``MODEL.GEM.TEST_ROUTING: auto``, DESIGN.md §3).
+"""Test-time routing without a known dataset (``MODEL.GEM.TEST_ROUTING: auto``, docs/design/detector.md).
 
-An image's backbone feature (the last backbone stage's mean and std over its valid, unpadded cells,
-each L2-normalised) goes through a linear dataset classifier; the image then uses the identified
-dataset's experts and class block, exactly as if its dataset were known.
+An image's backbone features (per level of ``MODEL.DINO.IN_FEATURES``, the mean and std over its valid,
+unpadded cells, each L2-normalised) go through a linear dataset classifier; the image then uses the
+identified dataset's experts and class block, exactly as if its dataset were known.
 
-The classifier is fitted on the features of the backbone that will route, i.e. the *trained* one:
-the planner's prototypes (DESIGN.md §1) come from the frozen starting backbone, whose features no
-longer match after training. gem_d2.engine refits it with the trained backbone before every
-evaluation and at the end of training; it lives in persistent buffers of the model, so every
-checkpoint carries it. (Nearest prototype, the first rule, confused look-alike domains: BENCHMARKS.md.)
+The classifier is fitted on the features of the backbone that will route, i.e. the *trained* one
+(``GEMDINO.fit_dataset_classifier``): the planner's features come from the frozen starting backbone,
+which no longer matches after training. The trainer refits it before every evaluation and at the end
+of training; it lives in persistent buffers of the model, so every checkpoint carries it.
 """
 from __future__ import annotations
 
@@ -44,13 +43,12 @@ def pooled_image_features(feature: Tensor, image_sizes: Sequence[Sequence[int]],
     return torch.cat([F.normalize(mean, dim=1), F.normalize(var.sqrt(), dim=1)], dim=1)
 
 
-class DatasetRouter(nn.Module):
+class DatasetClassifier(nn.Module):
     """Dataset identification from pooled image features: a linear classifier ``argmax(x W^T + b)``.
 
     :meth:`fit` trains it (multinomial logistic regression on standardised features, class-balanced,
-    L2-regularised, float64 L-BFGS: deterministic); :meth:`set_prototypes` makes it the nearest-prototype
-    rule (``W`` = normalised prototypes, ``b`` = 0). On the demo checkpoint the fitted classifier identifies
-    all the test images from 16 images per dataset where nearest-prototype managed 81% (BENCHMARKS.md).
+    L2-regularised, float64 L-BFGS: deterministic). On the demo checkpoint it identifies all the test
+    images from 16 images per dataset (BENCHMARKS.md "Auto routing").
 
     Args:
         num_datasets: datasets of the label space (rows of ``weight``).
@@ -64,16 +62,6 @@ class DatasetRouter(nn.Module):
         self.register_buffer("bias", torch.zeros(num_datasets))
         self.register_buffer("ready", torch.tensor(False))
 
-    def set_prototypes(self, prototypes: Tensor) -> None:
-        """Install (D, C) prototypes (normalised here) as the nearest-prototype rule."""
-        if prototypes.shape != self.weight.shape:
-            raise ValueError(f"dataset prototypes must have shape {tuple(self.weight.shape)} "
-                             f"(datasets x backbone channels), got {tuple(prototypes.shape)}")
-        self.weight.copy_(F.normalize(prototypes.to(self.weight), dim=1))
-        self.bias.zero_()
-        self.ready.fill_(True)
-
-    @torch.no_grad()
     def fit(self, features: Tensor, labels: Tensor, l2: float = 1e-2, max_iter: int = 500) -> float:
         """Fit the classifier to ``features`` (N, C) with dataset ``labels`` (N,); returns its training accuracy.
 
@@ -120,13 +108,3 @@ class DatasetRouter(nn.Module):
                                "fitted at the end of training (gem_d2.engine) or by GemTrainer.test; a checkpoint "
                                "from before that has none")
         return (features.to(self.weight) @ self.weight.t() + self.bias).argmax(dim=1)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint from before the classifier holds nearest-prototype ``prototypes``: load them as such but
-        # mark the router not ready, so GemTrainer.test fits the classifier before an auto-routed evaluation.
-        old = state_dict.pop(prefix + "prototypes", None)
-        if old is not None:
-            state_dict.setdefault(prefix + "weight", old)
-            state_dict.setdefault(prefix + "bias", torch.zeros(old.shape[0], dtype=old.dtype))
-            state_dict[prefix + "ready"] = torch.tensor(False)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -20,7 +20,7 @@ After each forward, ``self.routing_stats`` holds the routers' ``RoutingContext.s
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,16 +29,18 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, de
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
+from gem_d2.data.label_space import UnifiedLabelSpace
 from gem_d2.layers.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from gem_d2.layers.neck import ChannelMapper
 from gem_d2.layers.position_encoding import PositionEmbeddingSine
-from gem_d2.modeling.auto_routing import DatasetRouter, pooled_image_features
+from gem_d2.modeling.auto_routing import DatasetClassifier, pooled_image_features
 from gem_d2.modeling.dino.criterion import SetCriterion
 from gem_d2.modeling.dino.detector import DINO, class_block_masks
 from gem_d2.modeling.dino.matcher import HungarianMatcher
 from gem_d2.modeling.dino.transformer import build_dino_transformer
 from gem_d2.modeling.moe.context import MoESpec
 from gem_d2.modeling.moe.spec import moe_spec_from_cfg
+from gem_d2.utils.checks import check_index_range
 
 __all__ = ["GEMDINO", "build_moe_spec"]
 
@@ -94,12 +96,12 @@ class GEMDINO(nn.Module):
         self.routing_stats: Dict[str, Tensor] = {}
         self.test_routing = test_routing
         self.dataset_names = list(dataset_names)
-        self.auto_router = None
+        self.dataset_classifier = None
         if self.dataset_names:
             self.register_buffer("dataset_blocks", torch.tensor([list(b) for b in dataset_blocks], dtype=torch.long),
                                  False)
             channels = 2 * sum(backbone.output_shape()[f].channels for f in self.in_features)  # mean + std
-            self.auto_router = DatasetRouter(len(self.dataset_names), channels)
+            self.dataset_classifier = DatasetClassifier(len(self.dataset_names), channels)
 
     @classmethod
     def from_config(cls, cfg):
@@ -177,8 +179,32 @@ class GEMDINO(nn.Module):
         return F.normalize(torch.cat(pooled, dim=1), dim=1)
 
     def identify_datasets(self, features: Dict[str, Tensor], images: ImageList) -> Tensor:
-        """(N,) index (label-space order) of each image's nearest dataset prototype (auto routing)."""
-        return self.auto_router(self.image_features(features, images))
+        """(N,) index (label-space order) of each image's dataset, by the fitted dataset classifier (auto routing)."""
+        return self.dataset_classifier(self.image_features(features, images))
+
+    @torch.no_grad()
+    def fit_dataset_classifier(self, batches: Iterable[Tuple[int, List[Dict]]]) -> float:
+        """Fit the test-time dataset classifier on this model's backbone features.
+
+        Args:
+            batches: ``(dataset index in label-space order, batched_inputs)`` pairs; the inputs need only
+                ``"image"`` (as for inference). Every dataset of the label space must occur.
+        Returns:
+            the classifier's training accuracy.
+        """
+        if self.dataset_classifier is None:
+            raise ValueError("the model has no label space (DATASETS.TRAIN), so no dataset classifier to fit")
+        was_training = self.training
+        self.eval()
+        feats, labels = [], []
+        try:
+            for index, inputs in batches:
+                images, _ = self.preprocess_image(inputs)
+                feats.append(self.image_features(self.backbone(images.tensor), images))
+                labels.append(torch.full((len(inputs),), int(index), dtype=torch.long))
+        finally:
+            self.train(was_training)
+        return self.dataset_classifier.fit(torch.cat(feats), torch.cat(labels))
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> Tuple[ImageList, Tensor]:
         """Normalise, pad into one batch; returns the ImageList and its ``(N, H, W)`` padding mask (True = pad)."""
@@ -208,6 +234,8 @@ class GEMDINO(nn.Module):
                                  f"0 <= start < stop <= num_classes={self.num_classes}")
             blocks.append((start, stop))
             ids.append(int(x["dataset_id"]))
+        if self.dataset_names:
+            check_index_range(ids, len(self.dataset_names), "batched_inputs' 'dataset_id' (label-space datasets)")
         return (torch.tensor(blocks, dtype=torch.long, device=self.device),
                 torch.tensor(ids, dtype=torch.long, device=self.device))
 
@@ -217,6 +245,9 @@ class GEMDINO(nn.Module):
         for i, (x, (h, w)) in enumerate(zip(batched_inputs, image_sizes)):
             if "instances" not in x:
                 raise KeyError(f"batched_inputs[{i}] has no 'instances' in training")
+            start, stop = (int(v) for v in x["class_block"])
+            check_index_range(x["instances"].gt_classes, stop, f"batched_inputs[{i}] gt_classes (class block "
+                              f"{(start, stop)})", start=start)
             inst = x["instances"].to(self.device)
             scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
             boxes = box_xyxy_to_cxcywh(inst.gt_boxes.tensor.to(torch.float32) / scale)
@@ -251,8 +282,6 @@ def _num_classes_and_datasets(cfg) -> Tuple[int, Tuple[str, ...], Tuple[Tuple[in
         raise ValueError(f"MODEL.DINO.NUM_CLASSES must be >= 0 (0 = from the label space), got {num_classes}")
     if num_classes > 0 and not cfg.MODEL.GEM.MOE_LAYERS and cfg.MODEL.GEM.TEST_ROUTING != "auto":
         return num_classes, (), ()
-    from gem_d2.data.label_space import UnifiedLabelSpace
-
     space = UnifiedLabelSpace.from_cfg(cfg)
     if num_classes == 0:
         num_classes = space.num_classes

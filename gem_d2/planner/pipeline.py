@@ -6,57 +6,29 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from gem_d2.planner.affinity import AffinityResult, compute_affinity
+from gem_d2.data.build import dataset_sampling_weights
+from gem_d2.planner.affinity import AffinityResult, affinity_from_prototypes, compute_affinity
+from gem_d2.planner.extend import expert_keys_from_mapping, plan_new_units
 from gem_d2.planner.mapping import GemMapping
 from gem_d2.planner.plan import ROUNDINGS, ExpertPlan, plan_mapping
 from gem_d2.planner.report import write_report
 from gem_d2.planner.solvers import check_solver
 
-__all__ = ["plan_from_cfg", "dataset_load_shares", "write_prototypes", "PLAN_YAML", "PROTOTYPES_NPZ"]
+__all__ = ["plan_from_cfg", "plan_new_unit_from_cfg", "dataset_load_shares", "PLAN_YAML"]
 
 logger = logging.getLogger(__name__)
 
 PLAN_YAML = "plan.yaml"
-PROTOTYPES_NPZ = "plan_prototypes.npz"
 
 
 def dataset_load_shares(cfg) -> Dict[str, float]:
-    """Share of training draws per ``DATASETS.TRAIN`` dataset under the sampler, ``size^T / sum size^T``.
-
-    Uses ``gem_d2.data.dataset_sampling_weights`` (the sampler's own computation, which honours
-    ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``) when available, else the dataset sizes from ``DatasetCatalog``.
-    """
-    try:
-        from gem_d2.data import dataset_sampling_weights
-    except ImportError:
-        dataset_sampling_weights = None
-    if dataset_sampling_weights is not None:
-        return {str(k): float(v) for k, v in dataset_sampling_weights(cfg).items()}
-    from detectron2.data import DatasetCatalog
-
-    temperature = float(cfg.DATALOADER.DATASET_TEMPERATURE)
-    sizes = np.array([len(DatasetCatalog.get(n)) for n in cfg.DATASETS.TRAIN], dtype=np.float64)
-    if np.any(sizes == 0):
-        raise ValueError(f"DATASETS.TRAIN has an empty dataset: sizes {dict(zip(cfg.DATASETS.TRAIN, sizes))}")
-    w = sizes ** temperature
-    return {n: float(v) for n, v in zip(cfg.DATASETS.TRAIN, w / w.sum())}
-
-
-def write_prototypes(path: str, units: Sequence[str], prototypes: np.ndarray, keys: Optional[np.ndarray] = None,
-                     extra: Optional[dict] = None) -> str:
-    """Save ``units`` (U,) str and ``features`` (U, D) float32 (the format ``MODEL.GEM.PROTOTYPES`` reads), plus
-    ``expert_keys`` (n, D) and any ``extra`` arrays, to an .npz; returns the path."""
-    arrays = {"units": np.asarray(list(units), dtype=str), "features": np.asarray(prototypes, dtype=np.float32)}
-    if keys is not None:
-        arrays["expert_keys"] = np.asarray(keys, dtype=np.float32)
-    arrays.update(extra or {})
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-    return path
+    """Share of training draws per ``DATASETS.TRAIN`` dataset under the sampler, ``size^T / sum size^T``
+    (``gem_d2.data.dataset_sampling_weights``, the sampler's own computation)."""
+    return {str(k): float(v) for k, v in dataset_sampling_weights(cfg).items()}
 
 
 def _check_planner_cfg(cfg) -> None:
@@ -72,8 +44,8 @@ def _check_planner_cfg(cfg) -> None:
 
 
 def plan_from_cfg(cfg, output_dir: Optional[str] = None, affinity: Optional[AffinityResult] = None
-                  ) -> Tuple[ExpertPlan, GemMapping, dict]:
-    """Plan the unit -> experts mapping for ``cfg`` (DESIGN §1).
+                  ) -> Tuple[ExpertPlan, GemMapping]:
+    """Plan the unit -> experts mapping for ``cfg`` (docs/design/planner.md).
 
     The ``DATASETS.TRAIN`` datasets must be registered. Unit loads are ``s_u`` = the dataset's sampling share
     (:func:`dataset_load_shares`) times, at class level, the class's fraction of the dataset's boxes.
@@ -81,13 +53,11 @@ def plan_from_cfg(cfg, output_dir: Optional[str] = None, affinity: Optional[Affi
     Args:
         cfg: config with gem_d2's keys (``MODEL.GEM.*``, ``MODEL.GEM.PLANNER.*``).
         output_dir: if given, writes there ``plan.yaml`` (config fragment: MODEL.GEM.NUM_EXPERTS,
-            EXPERTS_PER_UNIT, UNITS, MAPPING, MAPPING_WEIGHTS, PROTOTYPES), ``plan_report.json``,
-            ``plan_heatmap.png`` and ``plan_prototypes.npz`` (units, features = prototypes, expert_keys,
-            affinity, loads).
+            EXPERTS_PER_UNIT, UNITS, MAPPING, MAPPING_WEIGHTS), ``plan_report.json`` and ``plan_heatmap.png``.
         affinity: a precomputed :func:`~gem_d2.planner.affinity.compute_affinity` result (skips the backbone).
     Returns:
-        ``(plan, mapping, prototypes)``: the :class:`ExpertPlan`, the :class:`GemMapping` (``mapping.to_cfg(cfg)``
-        writes it into a config) and ``{"units": [names], "features": (m, C) float32 array}``.
+        ``(plan, mapping)``: the :class:`ExpertPlan` and the :class:`GemMapping` (``mapping.to_cfg(cfg)`` writes it
+        into a config; its ``moe_layers`` are ``MODEL.GEM.MOE_LAYERS``).
     """
     _check_planner_cfg(cfg)
     pl = cfg.MODEL.GEM.PLANNER
@@ -99,17 +69,48 @@ def plan_from_cfg(cfg, output_dir: Optional[str] = None, affinity: Optional[Affi
                         beta=float(pl.BETA), solver=pl.SOLVER, rounding=pl.ROUNDING, unit_names=aff.unit_names,
                         milp=None if time_limit > 0 else False, milp_time_limit=time_limit if time_limit > 0 else None)
     plan.times["affinity"] = aff.seconds
-    mapping = GemMapping.from_plan(plan)
-    prototypes = {"units": list(aff.unit_names), "features": aff.prototypes}
+    mapping = GemMapping.from_plan(plan, moe_layers=cfg.MODEL.GEM.MOE_LAYERS)
     logger.info("GEM planner result:\n" + plan.format_report())
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
-        npz = write_prototypes(os.path.join(output_dir, PROTOTYPES_NPZ), aff.unit_names, aff.prototypes, aff.keys,
-                               {"affinity": aff.affinity, "loads": loads})
         header = (f"GEM expert mapping from gem_d2's planner (rounding={plan.rounding}, solver={plan.solver}, "
                   f"level={pl.LEVEL}).\nMerge into a config that had add_gem_config (cfg.merge_from_file) or name "
                   "this file as _BASE_.")
-        mapping.save(os.path.join(output_dir, PLAN_YAML), prototypes=os.path.abspath(npz), header=header)
+        mapping.save(os.path.join(output_dir, PLAN_YAML), header=header)
         write_report(plan, output_dir)
         logger.info(f"GEM plan written to {os.path.join(output_dir, PLAN_YAML)}")
-    return plan, mapping, prototypes
+    return plan, mapping
+
+
+def plan_new_unit_from_cfg(cfg, new_name: str, num_new: int):
+    """Plan the experts of one new dataset-level unit ``new_name`` around ``cfg``'s fixed mapping rows.
+
+    The new unit's prototype (``MODEL.WEIGHTS``' pooled features) is scored against expert keys = mean prototype
+    of each expert's old units (``num_new`` appended experts are keyed by the new prototype); the LP uses the
+    residual capacities under ``PLANNER.SLACK``. Returns ``(experts, weights, best old expert, summary dict)``.
+    """
+    g = cfg.MODEL.GEM
+    if g.PLANNER.LEVEL != "dataset":
+        raise ValueError(f"MODEL.GEM.PLANNER.LEVEL={g.PLANNER.LEVEL!r}: adaptation plans dataset-level units only")
+    aff_cfg = cfg.clone()
+    aff_cfg.defrost()
+    aff_cfg.DATASETS.TRAIN = tuple(cfg.DATASETS.TRAIN) + (new_name,)
+    aff = compute_affinity(aff_cfg)
+    units = list(g.UNITS)
+    index = {u: aff.unit_names.index(u) for u in units + [new_name]}
+    protos_old = aff.prototypes[[index[u] for u in units]]
+    proto_new = aff.prototypes[index[new_name]]
+    n_old = int(g.NUM_EXPERTS)
+    keys = expert_keys_from_mapping(protos_old, list(g.MAPPING), n_old + num_new, fill=proto_new)
+    w_new = affinity_from_prototypes(proto_new[None], keys, float(g.PLANNER.TAU))
+    shares = dataset_load_shares(aff_cfg)
+    ext = plan_new_units(w_new, [shares[new_name]], list(g.MAPPING), [shares[u] for u in units],
+                         k=int(g.EXPERTS_PER_UNIT), slack=float(g.PLANNER.SLACK), beta=float(g.PLANNER.BETA),
+                         num_new_experts=num_new, solver=g.PLANNER.SOLVER,
+                         rounding="exact" if g.PLANNER.ROUNDING == "exact" else "hierarchical",
+                         unit_names=[new_name])
+    best_old = int(np.argmax(w_new[0, :n_old]))
+    summary = {"affinity": w_new[0].tolist(), "capacities": ext.capacities.tolist(),
+               "fixed_load": ext.fixed_load.tolist(), "experts": ext.experts[0], "lp_value": ext.plan.lp_value,
+               "rounded_value": ext.plan.rounded_value}
+    return ext.experts[0], ext.weights[0], best_old, summary

@@ -18,6 +18,7 @@ from gem_d2.modeling.moe.base import (
     router_logits_fp32,
 )
 from gem_d2.modeling.moe.gating import capacity_dropped, expert_capacity, switch_balance_loss
+from gem_d2.modeling.moe.router_gem import gem_tables_from_cfg
 
 
 @register_router("topk")
@@ -91,20 +92,18 @@ class DAMEXRouter(Router):
 
     @classmethod
     def kwargs_from_cfg(cls, cfg, dataset_names: List[str]) -> dict:
-        from gem_d2.modeling.moe.mapping_cfg import first_expert_per_dataset
-
         d = cfg.MODEL.GEM.DAMEX
-        return dict(dataset_to_expert=first_expert_per_dataset(cfg, dataset_names), loss_coef=d.LOSS_COEF,
+        dataset_to_expert = None
+        if len(cfg.MODEL.GEM.MAPPING):
+            tables = gem_tables_from_cfg(cfg, dataset_names)
+            dataset_to_expert = [tables.index[u][0] for u in tables.unit_of_dataset]
+        return dict(dataset_to_expert=dataset_to_expert, loss_coef=d.LOSS_COEF,
                     capacity_factor=d.CAPACITY_FACTOR)
 
     def target_experts(self, dataset: torch.Tensor) -> torch.Tensor:
         """(T,) the expert each token's dataset is mapped to."""
         if self.dataset_to_expert is None:
             return dataset % self.num_experts
-        n = self.dataset_to_expert.numel()
-        if dataset.numel() and (int(dataset.min()) < 0 or int(dataset.max()) >= n):
-            raise ValueError(f"damex router: ctx.dataset_ids has values in [{int(dataset.min())}, "
-                             f"{int(dataset.max())}] but dataset_to_expert covers datasets 0..{n - 1}")
         return self.dataset_to_expert[dataset]
 
     def route(self, tokens: TokenBatch) -> RoutingPlan:

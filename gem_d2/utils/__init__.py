@@ -1,0 +1,1 @@
+"""Small helpers shared by every package of gem_d2 (file writing, input checks)."""
