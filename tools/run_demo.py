@@ -6,7 +6,8 @@
 1. generates the 5-domain dataset (once; UODB VOC layout, read back by the real loader) and prints
    its per-domain summary;
 2. runs gem_d2.engine.setup.train_main (what tools/train_net.py launches): plans the dataset->expert
-   mapping (LP + rounding; report and heatmap in OUTPUT_DIR/plan), trains GEM-DINO, evaluates every domain (UODB protocol + COCO AP);
+   mapping (LP + rounding; report and heatmap in OUTPUT_DIR/plan), trains GEM-DINO,
+   evaluates every domain (UODB protocol + COCO AP);
 3. prints the per-domain table and where every artefact is (OUTPUT_DIR, default output/demo).
 
 Re-running resumes from OUTPUT_DIR's last checkpoint (a finished run is only re-evaluated).

@@ -7,7 +7,8 @@ import os
 from collections import OrderedDict
 from typing import Mapping, Optional
 
-from gem_d2.evaluation.uodb_evaluator import RESULT_KEY, _atomic_write, json_safe
+from gem_d2.evaluation.uodb_evaluator import RESULT_KEY, json_safe
+from gem_d2.utils.files import atomic_write_text
 
 # Table columns: metric key -> header naming the metric (REFERENCE §1.3: always name it).
 COLUMNS = OrderedDict([
@@ -64,11 +65,11 @@ def summarize_results(results: Mapping[str, Mapping], output_dir: Optional[str] 
     print(table, flush=True)
 
     if output_dir:
-        _atomic_write(os.path.join(output_dir, "results_table.md"), table)
+        atomic_write_text(os.path.join(output_dir, "results_table.md"), table)
         payload = {
             "metrics": dict(COLUMNS),
             "average": average,
             "datasets": {name: dict(m) for name, m in per_dataset.items()},
         }
-        _atomic_write(os.path.join(output_dir, "results.json"), json.dumps(json_safe(payload), indent=2) + "\n")
+        atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(json_safe(payload), indent=2) + "\n")
     return table
