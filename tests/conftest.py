@@ -1,12 +1,15 @@
-"""Shared pytest fixtures (owned by the data pipeline; others may append fixtures below).
+"""Shared pytest fixtures and the ``slow`` marker's meaning (training subprocesses, DDP, benchmarks).
 
 - ``write_voc``: a function writing a small dataset in the UODB/VOC layout (images, XML, split file).
+- ``tiny_config``: the one tiny GEM-DINO config file of the training tests.
 - ``small_synth``: the generated multi-domain dataset at a tiny size (written once per session), with the
   ``synth_*`` datasets registered under it for the session.
 - ``data_cfg``: a fresh detectron2 config with gem_d2's keys and small CPU-friendly input sizes.
 """
 import os
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+import re
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
 
 import pytest
 from PIL import Image
@@ -18,48 +21,53 @@ from detectron2.config import get_cfg
 
 from gem_d2.config import add_gem_config
 from gem_d2.data import catalog, synthetic
+from gem_d2.data.voc_xml import VocBox, voc_xml_text
+
+TESTS = Path(__file__).resolve().parent
+TINY_CONFIG = str(TESTS / "tiny_gem_dino.yaml")  # the one tiny GEM-DINO of the training tests
+SMALL_SYNTH = {"images_per_domain": 6, "test_images_per_domain": 2, "image_size": 96, "seed": 0}  # = TINY_CONFIG's
 
 # An object of a fixture dataset: (name, xmin, ymin, xmax, ymax, difficult or None = no <difficult> tag).
 VocObject = Tuple[str, float, float, float, float, Optional[int]]
 
-SMALL_SYNTH = {"images_per_domain": 6, "test_images_per_domain": 2, "image_size": 96, "seed": 0}
-
-
-def _xml(file_name: str, size: Optional[Tuple[int, int]], objects: Iterable[VocObject]) -> str:
-    parts = [f"<annotation><filename>{file_name}</filename>"]
-    if size is not None:
-        parts.append(f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>")
-    for name, x0, y0, x1, y1, difficult in objects:
-        diff = "" if difficult is None else f"<difficult>{difficult}</difficult>"
-        parts.append(f"<object><name>{name}</name>{diff}<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>"
-                     f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>")
-    parts.append("</annotation>")
-    return "".join(parts)
-
 
 def write_voc_dataset(root, split: str, images: Dict[str, dict]) -> str:
     """Write ``images`` (id -> {"objects": [VocObject], "size": (w, h), "ext": ".jpg", "xml_size": True,
-    "color": (r, g, b)}) under ``root`` in the VOC layout and append their ids to ``<split>.txt``; returns root."""
+    "color": (r, g, b)}) under ``root`` in the VOC layout with gem_d2's own XML writer (coordinates as given)
+    and append their ids to ``<split>.txt``; returns root. ``difficult`` None and ``xml_size`` False remove
+    the ``<difficult>``/``<size>`` elements, as in files from other tools."""
     root = os.fspath(root)
     for sub in ("Annotations", os.path.join("ImageSets", "Main"), "JPEGImages"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     for image_id, spec in images.items():
         w, h = spec.get("size", (64, 48))
         ext = spec.get("ext", ".jpg")
-        color = spec.get("color", (120, 60, 30))
-        Image.new("RGB", (w, h), color).save(os.path.join(root, "JPEGImages", image_id + ext))
-        xml_size = (w, h) if spec.get("xml_size", True) else None
+        Image.new("RGB", (w, h), spec.get("color", (120, 60, 30))).save(os.path.join(root, "JPEGImages", image_id + ext))
+        objects = spec.get("objects", [])
+        boxes = [VocBox(n, x0, y0, x1, y1, 0 if d is None else d) for n, x0, y0, x1, y1, d in objects]
+        text = voc_xml_text("", image_id + ext, w, h, 3, boxes, coordinate_offset=0)
+        for (name, *_rest, difficult), box_xml in zip(objects, re.findall(r"  <object>.*?</object>\n", text, re.S)):
+            if difficult is None:
+                text = text.replace(box_xml, re.sub(r"    <difficult>.*</difficult>\n", "", box_xml), 1)
+        if not spec.get("xml_size", True):
+            text = re.sub(r"  <size>.*?</size>\n", "", text, flags=re.S)
         with open(os.path.join(root, "Annotations", image_id + ".xml"), "w") as f:
-            f.write(_xml(image_id + ext, xml_size, spec.get("objects", [])))
+            f.write(text)
     with open(os.path.join(root, "ImageSets", "Main", f"{split}.txt"), "a") as f:
         f.write("".join(i + "\n" for i in images))
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def write_voc():
-    """The :func:`write_voc_dataset` helper."""
+    """The :func:`write_voc_dataset` helper (session scope, so module-scoped fixtures can use it too)."""
     return write_voc_dataset
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """Path of the tiny GEM-DINO config (tests/tiny_gem_dino.yaml) every training test starts from."""
+    return TINY_CONFIG
 
 
 @pytest.fixture

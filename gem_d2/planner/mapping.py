@@ -180,6 +180,8 @@ class GemMapping:
         gem["UNITS"] = list(self.units)
         gem["MAPPING"] = [list(row) for row in self.experts]
         gem["MAPPING_WEIGHTS"] = self._rounded_weights()
+        if self.moe_layers:
+            gem["MOE_LAYERS"] = list(self.moe_layers)
         lines = "".join(f"# {line}\n" for line in header.splitlines()) if header else ""
         return lines + yaml.safe_dump({"MODEL": {"GEM": gem}}, sort_keys=False, default_flow_style=None, width=120)
 
@@ -298,6 +300,18 @@ class GemMapping:
                 if len(row) != int(experts_per_unit):
                     raise ValueError(f"MODEL.GEM.MAPPING: unit {unit!r} has {len(row)} experts {list(row)} but "
                                      f"MODEL.GEM.EXPERTS_PER_UNIT={experts_per_unit}: the mapping is stale, re-plan")
+
+    def validate_cfg(self, cfg) -> None:
+        """:meth:`validate` against a config: ``DATASETS.TRAIN``, ``MODEL.GEM.PLANNER.LEVEL``, ``EXPERTS_PER_UNIT``,
+        ``NUM_EXPERTS``; class names from the datasets' registered ``thing_classes`` at class level."""
+        g = cfg.MODEL.GEM
+        datasets = list(cfg.DATASETS.TRAIN)
+        classes = None
+        if g.PLANNER.LEVEL == "class":
+            from detectron2.data import MetadataCatalog
+
+            classes = [list(MetadataCatalog.get(d).get("thing_classes", [])) for d in datasets]
+        self.validate(datasets, g.PLANNER.LEVEL, classes, int(g.EXPERTS_PER_UNIT), int(g.NUM_EXPERTS))
 
     # ------------------------------------------------------------------ router tables
 

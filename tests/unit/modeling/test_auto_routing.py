@@ -1,4 +1,4 @@
-"""Auto test-time routing: pooled features, the dataset classifier (and nearest-prototype rule), generated domains."""
+"""Auto test-time routing: pooled features, the dataset classifier, generated domains."""
 import gem_d2  # noqa: F401  (compat shims before detectron2)
 
 # isort: split
@@ -11,9 +11,9 @@ from detectron2.modeling import build_model
 
 from gem_d2 import model_zoo
 from gem_d2.data import GemDatasetMapper, synthetic
-from gem_d2.engine import compute_routing_prototypes
+from gem_d2.engine import fit_dataset_classifier
 from gem_d2.evaluation import UODBEvaluator
-from gem_d2.modeling.auto_routing import DatasetRouter, pooled_image_features
+from gem_d2.modeling.auto_routing import DatasetClassifier, pooled_image_features
 
 
 def test_pooled_features_average_only_valid_cells():
@@ -27,44 +27,29 @@ def test_pooled_features_average_only_valid_cells():
     assert torch.allclose(out[1], expected1 / expected1.norm())
 
 
-def test_dataset_router_picks_the_nearest_prototype_and_requires_prototypes():
-    router = DatasetRouter(3, 2)
+def test_dataset_classifier_requires_fitting():
     with pytest.raises(RuntimeError, match="no dataset classifier"):
-        router(torch.ones(1, 2))
-    with pytest.raises(ValueError, match=r"shape \(3, 2\)"):
-        router.set_prototypes(torch.ones(2, 2))
-    router.set_prototypes(torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, -1.0]]))
-    feats = torch.nn.functional.normalize(torch.tensor([[0.9, 0.1], [0.2, 0.8], [-0.5, -0.6]]), dim=1)
-    assert router(feats).tolist() == [0, 1, 2]
-    assert router.state_dict()["ready"].item() is True  # persistent: checkpoints carry the prototypes
+        DatasetClassifier(3, 2)(torch.ones(1, 2))
 
 
-def test_dataset_router_fit_separates_datasets_with_balanced_weights():
+def test_dataset_classifier_fit_separates_datasets_with_balanced_weights():
     gen = torch.Generator().manual_seed(0)
     centres = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0]])
     sizes = [60, 60, 4]  # dataset 2 is rare: balanced weights keep it from being swallowed
     x = torch.cat([c + 0.5 * torch.randn(n, 3, generator=gen) for c, n in zip(centres, sizes)])
     y = torch.cat([torch.full((n,), d) for d, n in enumerate(sizes)])
-    router = DatasetRouter(3, 3)
+    router = DatasetClassifier(3, 3)
     assert router.fit(x, y) == 1.0
     test = centres + 0.3 * torch.randn(3, 3, generator=gen)
     assert router(test).tolist() == [0, 1, 2]
     # deterministic: a second fit gives the same classifier, bit for bit
-    again = DatasetRouter(3, 3)
+    again = DatasetClassifier(3, 3)
     again.fit(x, y)
     assert torch.equal(router.weight, again.weight) and torch.equal(router.bias, again.bias)
     with pytest.raises(ValueError, match=r"every one of the 3 datasets.*\[60, 60, 0\]"):
-        DatasetRouter(3, 3).fit(x[:120], y[:120])
+        DatasetClassifier(3, 3).fit(x[:120], y[:120])
     with pytest.raises(ValueError, match=r"features \(N, 3\)"):
-        DatasetRouter(3, 3).fit(x[:, :2], y)
-
-
-def test_dataset_router_loads_nearest_prototype_checkpoints():
-    old = {"prototypes": torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "ready": torch.tensor(True)}
-    router = DatasetRouter(2, 2)
-    router.load_state_dict(old)
-    assert torch.equal(router.weight, old["prototypes"]) and torch.equal(router.bias, torch.zeros(2))
-    assert not bool(router.ready)  # GemTrainer.test fits the classifier before routing with it
+        DatasetClassifier(3, 3).fit(x[:, :2], y)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +72,7 @@ def routing_setup(tmp_path_factory):
 
 def test_auto_routing_identifies_generated_domains(routing_setup):
     cfg, model = routing_setup
-    compute_routing_prototypes(model, cfg)
+    fit_dataset_classifier(model, cfg)
     mapper = GemDatasetMapper(cfg, is_train=False)
     hits, total = 0, 0
     for name in cfg.DATASETS.TEST:
@@ -106,15 +91,15 @@ def test_auto_routing_identifies_generated_domains(routing_setup):
         assert 0 <= acc <= 100
     assert total == 8 * len(cfg.DATASETS.TEST)
     print(f"auto routing: {hits}/{total} test images routed to their own domain")
-    # Issue #5 asks for >= 95%. Even this random-init backbone's pooled features separate the domains once the
+    # Target >= 95%. Even this random-init backbone's pooled features separate the domains once the
     # classifier sees enough images: 40/40 with 64 per domain (16 for the rare one), 36/40 with 32, 33/40 with 8
-    # (nearest prototype with 8: 32/40). The trained demo checkpoint routes 100% (BENCHMARKS.md).
+    #. The trained demo checkpoint routes 100% (BENCHMARKS.md).
     assert hits / total >= 0.95
 
 
 def test_misrouted_images_count_as_no_detections(routing_setup):
     cfg, model = routing_setup
-    compute_routing_prototypes(model, cfg)
+    fit_dataset_classifier(model, cfg)
     name = cfg.DATASETS.TEST[0]
     mapper = GemDatasetMapper(cfg, is_train=False)
     inputs = [mapper(r) for r in DatasetCatalog.get(name)[:2]]

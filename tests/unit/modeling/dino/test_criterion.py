@@ -1,6 +1,6 @@
 """SetCriterion vs hand-computed float64 values: focal, L1, GIoU, normalisation, class blocks, DN."""
 import math
-import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,7 +248,7 @@ def test_num_boxes_all_reduced_across_ranks(tmp_path):
     import torch.distributed as dist
 
     assert average_num_boxes([target([], [])], torch.device("cpu")) == 1.0  # no process group: clamp to 1
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(Path(__file__).resolve().parents[4])
     init = tmp_path / "init"
     proc = subprocess.Popen([sys.executable, "-c", _RANK1.format(init=init)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=root)

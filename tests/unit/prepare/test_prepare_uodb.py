@@ -19,7 +19,7 @@ from gem_d2.prepare.dota import clip_polygon, patch_starts, polygon_area
 from gem_d2.prepare.lisa import lisa_class
 from gem_d2.prepare.splits import hash_split
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 # --------------------------------------------------------------------------- fixtures in the original formats

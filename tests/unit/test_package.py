@@ -10,7 +10,7 @@ import gem_d2
 from gem_d2 import _compat, model_zoo
 from gem_d2.config import add_gem_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_compat_restores_removed_names_and_is_idempotent():

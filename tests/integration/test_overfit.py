@@ -32,6 +32,8 @@ from gem_d2.data.synthetic_styles import STYLES, render_image
 MAX_ITERS = 150
 EVAL_EVERY = 10
 
+pytestmark = pytest.mark.slow
+
 
 def _seed(seed: int = 0) -> None:
     random.seed(seed)

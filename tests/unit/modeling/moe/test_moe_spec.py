@@ -44,8 +44,8 @@ def test_dataset_level_gem_spec_and_layer_built_from_it():
     spec = moe_spec_from_cfg(cfg, list(cfg.DATASETS.TRAIN))
     assert list(spec.layers) == ["encoder.5", "decoder.0"] and spec.num_experts == 4 and spec.router == "gem"
     assert spec.num_datasets == 3
-    assert spec.router_kwargs["unit_of_dataset"] == [1, 2, 0]  # DATASETS.TRAIN order -> UNITS rows
-    assert spec.router_kwargs["mapping"] == [[3], [0], [1]]
+    assert spec.router_kwargs["tables"].unit_of_dataset == [1, 2, 0]  # DATASETS.TRAIN order -> UNITS rows
+    assert spec.router_kwargs["tables"].index == [[3], [0], [1]]
     layer = build_ffn("decoder.0", 8, 16, 0.0, "relu", spec)
     ctx = RoutingContext(dataset_ids=torch.tensor([0, 2]))
     layer(torch.randn(2, 3, 8), ctx)
@@ -56,11 +56,11 @@ def test_dataset_level_gem_spec_and_layer_built_from_it():
 
 
 @pytest.mark.parametrize("gem,match", [
-    (dict(MAPPING=[], UNITS=[]), "run the planner first"),
+    (dict(MAPPING=[], UNITS=[]), "MAPPING is empty.*run the planner"),
     (dict(MAPPING=[[3], [0], [4]]), r"expert id 4 .*NUM_EXPERTS=4"),
-    (dict(UNITS=["moe_test_art", "moe_test_cars"]), "UNITS has 2 names but MODEL.GEM.MAPPING has 3 rows"),
-    (dict(UNITS=["moe_test_art", "moe_test_cars", "coco"]), r"UNITS \['coco'\] are not in DATASETS.TRAIN"),
-    (dict(UNITS=["moe_test_art", "moe_test_cars", "moe_test_cars"]), "UNITS repeats"),
+    (dict(UNITS=["moe_test_art", "moe_test_cars"]), "UNITS has 2 entries but MODEL.GEM.MAPPING has 3"),
+    (dict(UNITS=["moe_test_art", "moe_test_cars", "coco"]), r"unit 'coco' is neither a dataset of DATASETS.TRAIN"),
+    (dict(UNITS=["moe_test_art", "moe_test_cars", "moe_test_cars"]), "UNITS has repeated names"),
     (dict(MAPPING=[[3, 1], [0, 2], [1, 2]]), "EXPERTS_PER_UNIT=1: the mapping is stale"),
     (dict(MOE_LAYERS=["decoder.6"]), r"index must be < MODEL.DINO.DEC_LAYERS=6"),
     (dict(MOE_LAYERS=["neck.0"]), "expected 'encoder.<i>' or 'decoder.<i>'"),
@@ -79,7 +79,7 @@ def test_bad_configs_raise_clear_errors(gem, match):
 
 def test_missing_dataset_and_unknown_router():
     cfg = gem_cfg()
-    with pytest.raises(ValueError, match=r"DATASETS.TRAIN \['moe_test_new'\] have no unit"):
+    with pytest.raises(ValueError, match=r"no unit for the training dataset\(s\) \['moe_test_new'\]"):
         moe_spec_from_cfg(cfg, DATASETS + ["moe_test_new"])
     with pytest.raises(KeyError, match="MODEL.GEM.ROUTER='switch' is not a registered router"):
         moe_spec_from_cfg(gem_cfg(router="switch"), DATASETS)
@@ -93,10 +93,10 @@ def test_class_level_units_build_unit_of_class_and_modal_dataset_rows():
     cfg.MODEL.GEM.PLANNER.LEVEL = "class"
     kw = moe_spec_from_cfg(cfg, DATASETS).router_kwargs
     # unified classes: car, van | face | person, dog, cat
-    assert kw["unit_of_class"] == [0, 1, 2, 3, 4, 5]
+    assert kw["tables"].unit_of_class == [0, 1, 2, 3, 4, 5]
     # cars: classes' rows [0] and [1] tie -> first class (car, row 0); faces: its plain-name row 6;
     # art: expert 1 is used by 2 of 3 classes -> the dog row (first class with it)
-    assert kw["unit_of_dataset"] == [0, 6, 4]
+    assert kw["tables"].unit_of_dataset == [0, 6, 4]
 
     layer = build_ffn("decoder.0", 8, 16, 0.0, "relu", moe_spec_from_cfg(cfg, DATASETS))
     labels = torch.tensor([[0, 1, -1], [3, 5, 4]])  # -1: unknown -> dataset row
@@ -108,13 +108,13 @@ def test_class_level_units_build_unit_of_class_and_modal_dataset_rows():
 def test_class_level_bad_unit_names():
     cfg = gem_cfg(UNITS=["moe_test_cars/car", "moe_test_cars/truck", "moe_test_faces/face"])
     cfg.MODEL.GEM.PLANNER.LEVEL = "class"
-    with pytest.raises(ValueError, match=r"'truck' is not a class of 'moe_test_cars'"):
+    with pytest.raises(ValueError, match=r"class 'truck' is not one of moe_test_cars's classes"):
         moe_spec_from_cfg(cfg, DATASETS[:2])
     cfg.MODEL.GEM.UNITS = ["moe_test_cars/car", "moe_test_cars/van", "moe_test_faces/face"]
-    with pytest.raises(ValueError, match=r"'moe_test_art' has no unit"):
+    with pytest.raises(ValueError, match=r"no unit for the training dataset\(s\) \['moe_test_art'\]"):
         moe_spec_from_cfg(cfg, DATASETS)
     cfg.MODEL.GEM.UNITS = ["moe_test_cars/car", "bogus/van", "moe_test_faces/face"]
-    with pytest.raises(ValueError, match=r"UNITS\[1\] = 'bogus/van'"):
+    with pytest.raises(ValueError, match=r"unit 'bogus/van' is neither a dataset"):
         moe_spec_from_cfg(cfg, DATASETS[:2])
 
 

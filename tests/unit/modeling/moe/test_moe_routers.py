@@ -8,6 +8,7 @@ import gem_d2  # noqa: F401  (shims before detectron2)
 from gem_d2.modeling.moe import ROUTER_REGISTRY, MoEFFN, Router, RoutingPlan, TokenBatch, register_router
 from gem_d2.modeling.moe.context import MoESpec, RoutingContext
 from gem_d2.modeling.moe.router_gem import GEMRouter
+from gem_d2.planner.mapping import GemMapping, RouterTables
 
 C, FH = 6, 12
 
@@ -36,11 +37,13 @@ def tokens_of(x, dataset_ids, labels=None, valid=None, ctx=None):
 # ----------------------------------------------------------------------------------------------- gem
 
 MAPPING = [[1, 3], [0], [2, 1]]
-WEIGHTS = [[0.25, 0.75], [1.0], []]  # empty row -> uniform
+WEIGHTS = [[0.25, 0.75], [1.0], [0.5, 0.5]]
+# units u0, u1, u2 are rows 0..2; the label space's datasets are u2, u0, u1: dataset -> row [2, 0, 1]
+TABLES = GemMapping.create(["u0", "u1", "u2"], MAPPING, WEIGHTS, num_experts=4).router_tables(["u2", "u0", "u1"])
 
 
 def test_gem_plan_sends_each_unit_exactly_to_its_experts():
-    router = GEMRouter(C, 4, MAPPING, WEIGHTS, unit_of_dataset=[2, 0, 1])
+    router = GEMRouter(C, 4, TABLES)
     x = torch.randn(3, 5, C, dtype=torch.float64)
     plan = router.route(tokens_of(x, torch.tensor([0, 1, 2])))
     rows = [2, 0, 1]  # dataset -> unit
@@ -48,19 +51,19 @@ def test_gem_plan_sends_each_unit_exactly_to_its_experts():
         unit = rows[t // 5]
         active = (~plan.dropped[t]).nonzero().squeeze(1)
         assert plan.expert_index[t, active].tolist() == MAPPING[unit]
-        want_w = WEIGHTS[unit] or [1.0 / len(MAPPING[unit])] * len(MAPPING[unit])
+        want_w = WEIGHTS[unit]
         assert plan.combine_weight[t, active].tolist() == pytest.approx(want_w)
 
 
 def test_gem_outputs_equal_mapped_experts_and_stats_count_tokens():
-    moe = make_moe("gem", mapping=MAPPING, mapping_weights=WEIGHTS, unit_of_dataset=[2, 0, 1], num_datasets=4)
+    moe = make_moe("gem", tables=TABLES, num_datasets=4)
     x = torch.randn(3, 5, C, dtype=torch.float64)
     pad = torch.zeros(3, 5, dtype=torch.bool)
     pad[1, 3:] = True
     ctx = RoutingContext(dataset_ids=torch.tensor([0, 1, 1]), key_padding_mask=pad)
     out = moe(x, ctx)
     for n, unit in enumerate([2, 0, 0]):
-        w = WEIGHTS[unit] or [1.0 / len(MAPPING[unit])] * len(MAPPING[unit])
+        w = WEIGHTS[unit]
         want = sum(wj * expert_ref(moe, e, x[n]) for e, wj in zip(MAPPING[unit], w))
         valid = ~pad[n]
         torch.testing.assert_close(out[n][valid], want[valid])
@@ -74,7 +77,8 @@ def test_gem_outputs_equal_mapped_experts_and_stats_count_tokens():
 
 def test_gem_class_level_routes_decoder_queries_by_label():
     # classes 0..2 (dataset 0), 3..4 (dataset 1); class 1 has no unit (-1) -> dataset row
-    router = GEMRouter(C, 4, [[0], [1], [2], [3]], unit_of_dataset=[0, 3], unit_of_class=[1, -1, 2, 3, 0])
+    tables = RouterTables([[0], [1], [2], [3]], [[1.0]] * 4, [[False]] * 4, [0, 3], [1, -1, 2, 3, 0])
+    router = GEMRouter(C, 4, tables)
     x = torch.randn(2, 4, C)
     labels = torch.tensor([[0, 1, 2, -1], [3, 4, 0, -1]])
     plan = router.route(tokens_of(x, torch.tensor([0, 1]), labels))
@@ -83,29 +87,10 @@ def test_gem_class_level_routes_decoder_queries_by_label():
     assert plan.expert_index[:, 0].tolist() == [0] * 4 + [3] * 4
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(mapping=[]), "planner"),
-    (dict(mapping=[[0], []]), r"MAPPING\[1\] is empty"),
-    (dict(mapping=[[0, 4]]), r"expert id 4 .*NUM_EXPERTS=4"),
-    (dict(mapping=[[1, 1]]), "repeated expert id"),
-    (dict(mapping=[[0], [1]], mapping_weights=[[1.0]]), "MAPPING_WEIGHTS has 1 rows"),
-    (dict(mapping=[[0, 1]], mapping_weights=[[1.0]]), r"MAPPING_WEIGHTS\[0\].*has 1 weights"),
-    (dict(mapping=[[0]], mapping_weights=[[-1.0]]), "finite and >= 0"),
-    (dict(mapping=[[0]], unit_of_dataset=[0, 1]), r"unit_of_dataset\[1\] = 1"),
-    (dict(mapping=[[0]], unit_of_class=[0, 5]), r"unit_of_class\[1\] = 5"),
-])
-def test_gem_bad_mappings_raise_clear_errors(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        GEMRouter(C, 4, **kwargs)
-
-
-def test_gem_route_time_id_errors():
-    router = GEMRouter(C, 4, [[0], [1]], unit_of_class=[0, 1])
-    x = torch.randn(2, 3, C)
-    with pytest.raises(ValueError, match=r"dataset_ids has values in \[0, 2\].*datasets 0..1"):
-        router.route(tokens_of(x, torch.tensor([0, 2])))
-    with pytest.raises(ValueError, match=r"query_labels contains class 7"):
-        router.route(tokens_of(x, torch.tensor([0, 1]), torch.full((2, 3), 7)))
+def test_gem_router_rejects_expert_ids_outside_the_bank():
+    tables = RouterTables([[0], [5]], [[1.0], [1.0]], [[False], [False]], [0, 1])
+    with pytest.raises(ValueError, match=r"expert ids \[5\] outside \[0, MODEL.GEM.NUM_EXPERTS=4\)"):
+        GEMRouter(C, 4, tables)
 
 
 # ---------------------------------------------------------------------------------------------- topk
@@ -350,11 +335,11 @@ def test_bad_plan_and_context_shapes_raise():
     class BadPlan(Router):
         def route(self, tokens):
             T = tokens.x.shape[0]
-            return RoutingPlan(torch.full((T, 1), 7), torch.ones(T, 1))
+            return RoutingPlan(torch.full((T, 2), 0), torch.ones(T, 1))
 
     moe = make_moe("test_bad_plan", 3)
     x = torch.randn(1, 4, C, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"expert_index values must lie in \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"combine_weight shape"):
         moe(x, RoutingContext(dataset_ids=torch.tensor([0])))
     with pytest.raises(ValueError, match=r"ctx.dataset_ids must have shape \(N=1,\)"):
         moe(x, RoutingContext(dataset_ids=torch.tensor([0, 1])))

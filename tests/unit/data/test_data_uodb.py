@@ -38,18 +38,16 @@ def _objects(first, last):
 
 
 @pytest.fixture(scope="module")
-def uodb_root(tmp_path_factory):
+def uodb_root(tmp_path_factory, write_voc):
     """A UODB tree with 1 image per split of every dataset; all of UODB is registered under it meanwhile."""
-    from conftest import write_voc_dataset  # the same helper as the write_voc fixture (module scope here)
-
     root = tmp_path_factory.mktemp("uodb")
     for key, (folder, _, first, last, train, test, ext, _) in EXPECTED.items():
         for split in (train, test):
             image = {"ext": ext, "objects": _objects(first, last)}
-            write_voc_dataset(root / folder, split, {f"{key}_{split}_1": image})
+            write_voc(root / folder, split, {f"{key}_{split}_1": image})
     for year, splits in (("VOC2007", ("trainval", "test")), ("VOC2012", ("trainval",))):
         for split in splits:
-            write_voc_dataset(root / year, split, {f"{year}_{split}": {"objects": _objects("aeroplane", "tvmonitor")}})
+            write_voc(root / year, split, {f"{year}_{split}": {"objects": _objects("aeroplane", "tvmonitor")}})
     coco = root / "coco"
     os.makedirs(coco / "images" / "val2014")
     os.makedirs(coco / "annotations")

@@ -3,16 +3,17 @@ import gem_d2  # noqa: F401,I001  (compat shims before detectron2)
 
 import os
 
-import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from torch import nn
 
-import gem_d2.planner
+import gem_d2.engine.planning
 from gem_d2.config import add_gem_config
-from gem_d2.engine import GemCheckpointer, MappingMismatchError, atomic_write, read_checkpoint_gem, resolve_gem_mapping
+from gem_d2.engine import GemCheckpointer, MappingMismatchError, read_checkpoint_mapping, resolve_gem_mapping
+from gem_d2.planner.mapping import GemMapping
+from gem_d2.utils.files import atomic_write
 
 
 def _cfg(tmp_path, units=("synth_a_train", "synth_b_train"), mapping=((0,), (1,)), num_experts=2):
@@ -31,27 +32,21 @@ def _model(seed=0):
     return nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
 
 
-def _prototypes():
-    return {"units": ["synth_a_train", "synth_b_train"], "features": np.arange(6, dtype=np.float32).reshape(2, 3)}
-
-
 def _tmp_files(directory):
     return [f for f in os.listdir(directory) if f.endswith(".tmp") or ".tmp." in f]
 
 
-def test_checkpoint_holds_mapping_and_prototypes_and_plain_detectron2_loads_it(tmp_path):
+def test_checkpoint_holds_mapping_and_plain_detectron2_loads_it(tmp_path):
     cfg = _cfg(tmp_path)
     model = _model(0)
-    GemCheckpointer.from_config(cfg, model, prototypes=_prototypes()).save("model_final", iteration=7)
+    GemCheckpointer.from_config(cfg, model).save("model_final", iteration=7)
     path = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     data = torch.load(path, map_location="cpu", weights_only=True)  # only tensors and plain containers
     assert data["iteration"] == 7
     assert data["gem_mapping"] == {"units": ["synth_a_train", "synth_b_train"], "mapping": [[0], [1]],
-                                   "mapping_weights": [], "num_experts": 2, "router": "gem",
-                                   "moe_layers": ["decoder.0"]}
-    assert data["gem_prototypes"]["units"] == ["synth_a_train", "synth_b_train"]
-    assert torch.equal(data["gem_prototypes"]["features"], torch.arange(6.0).reshape(2, 3))
-    assert read_checkpoint_gem(path)["gem_mapping"] == data["gem_mapping"]
+                                   "mapping_weights": [[1.0], [1.0]], "num_experts": 2, "moe_layers": ["decoder.0"]}
+    assert data["gem_router"] == "gem"
+    assert read_checkpoint_mapping(path) == GemMapping.from_cfg(cfg)
     with open(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")) as f:
         assert f.read() == "model_final.pth"
 
@@ -113,10 +108,10 @@ def test_loading_a_checkpoint_with_another_mapping_is_an_error_naming_both(tmp_p
     path = os.path.join(cfg_a.OUTPUT_DIR, "model_final.pth")
 
     cfg_b = _cfg(tmp_path, mapping=((1,), (0,)))
-    with pytest.raises(MappingMismatchError, match=r"mapping: config=\[\[1\], \[0\]\] vs checkpoint=\[\[0\], \[1\]\]"):
+    with pytest.raises(MappingMismatchError, match=r"mapping: \[\[1\], \[0\]\] vs \[\[0\], \[1\]\]"):
         GemCheckpointer.from_config(cfg_b, _model(1), save_dir="").load(path)
     cfg_c = _cfg(tmp_path, num_experts=4)
-    with pytest.raises(MappingMismatchError, match="num_experts: config=4 vs checkpoint=2"):
+    with pytest.raises(MappingMismatchError, match="num_experts: 4 vs 2"):
         GemCheckpointer.from_config(cfg_c, _model(1), save_dir="").load(path)
 
     # the same check before the model is built (tools/train_net.py's setup)
@@ -127,7 +122,7 @@ def test_loading_a_checkpoint_with_another_mapping_is_an_error_naming_both(tmp_p
 
 def test_load_checkpoint_mapping_takes_the_checkpoints_mapping_into_the_config(tmp_path):
     cfg_a = _cfg(tmp_path)
-    GemCheckpointer.from_config(cfg_a, _model(0), prototypes=_prototypes()).save("model_final", iteration=3)
+    GemCheckpointer.from_config(cfg_a, _model(0)).save("model_final", iteration=3)
     path = os.path.join(cfg_a.OUTPUT_DIR, "model_final.pth")
 
     cfg = _cfg(tmp_path / "run2", mapping=((1,), (1,)), num_experts=4)
@@ -137,14 +132,10 @@ def test_load_checkpoint_mapping_takes_the_checkpoints_mapping_into_the_config(t
     resolve_gem_mapping(cfg)
     assert cfg.is_frozen()
     assert cfg.MODEL.GEM.MAPPING == [[0], [1]] and cfg.MODEL.GEM.NUM_EXPERTS == 2
-    npz = os.path.join(cfg.OUTPUT_DIR, "unit_prototypes.npz")
-    assert cfg.MODEL.GEM.PROTOTYPES == npz
-    with np.load(npz) as z:
-        assert list(z["units"]) == ["synth_a_train", "synth_b_train"] and z["features"].shape == (2, 3)
     written = get_cfg()
     add_gem_config(written)
     written.merge_from_file(os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
-    assert written.MODEL.GEM.MAPPING == [[0], [1]] and written.MODEL.GEM.PROTOTYPES == npz
+    assert written.MODEL.GEM.MAPPING == [[0], [1]]
     model = _model(1)
     GemCheckpointer.from_config(cfg, model, save_dir="").load(path)  # now consistent: loads
     assert torch.equal(model[0].weight, _model(0)[0].weight)
@@ -164,16 +155,17 @@ def test_empty_mapping_runs_the_planner_and_writes_the_resolved_config(tmp_path,
 
     def plan_from_cfg(cfg, output_dir):
         calls.append(output_dir)
-        return "plan", {"units": ["synth_a_train", "synth_b_train"], "mapping": [[1], [0]]}, _prototypes()
+        return "plan", GemMapping.create(["synth_a_train", "synth_b_train"], [[1], [0]], num_experts=2,
+                                         moe_layers=["decoder.0"])
 
-    monkeypatch.setattr(gem_d2.planner, "plan_from_cfg", plan_from_cfg, raising=False)
+    monkeypatch.setattr(gem_d2.engine.planning, "plan_from_cfg", plan_from_cfg)
     cfg = _cfg(tmp_path, units=(), mapping=())
     resolve_gem_mapping(cfg)
     assert calls == [os.path.join(cfg.OUTPUT_DIR, "plan")]
     assert cfg.MODEL.GEM.MAPPING == [[1], [0]]
     with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml")) as f:
         text = f.read()
-    assert "synth_b_train" in text and cfg.MODEL.GEM.PROTOTYPES.endswith("unit_prototypes.npz")
+    assert "synth_b_train" in text
     assert _tmp_files(cfg.OUTPUT_DIR) == []
 
     eval_cfg = _cfg(tmp_path / "eval", units=(), mapping=())
@@ -183,7 +175,7 @@ def test_empty_mapping_runs_the_planner_and_writes_the_resolved_config(tmp_path,
 
 
 def test_invalid_mapping_in_config_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match=r"MAPPING for unit 'synth_b_train' is \[5\].*NUM_EXPERTS=2"):
+    with pytest.raises(ValueError, match=r"MAPPING: unit 'synth_b_train' = \[5\].*NUM_EXPERTS=2"):
         resolve_gem_mapping(_cfg(tmp_path, mapping=((0,), (5,))))
-    with pytest.raises(ValueError, match="2 UNITS .* but 1 MAPPING rows"):
+    with pytest.raises(ValueError, match="UNITS has 2 entries but MODEL.GEM.MAPPING has 1"):
         resolve_gem_mapping(_cfg(tmp_path, mapping=((0,),)))

@@ -10,8 +10,8 @@ import torch
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
-from gem_d2.engine import RoutingStatsHook, launch, plot_training_curves, resolve_device
-from gem_d2.engine.plotting import read_metrics
+from gem_d2.engine import RoutingStatsHook, launch, resolve_device
+from gem_d2.engine.plotting import plot_training_curves, read_metrics
 
 
 class _Model(torch.nn.Module):

@@ -7,6 +7,7 @@ from gem_d2.layers.mlp import FFN
 from gem_d2.modeling.moe import ExpertBank, MoEFFN, grouped_dispatch
 from gem_d2.modeling.moe.context import MoESpec, RoutingContext
 from gem_d2.modeling.moe.layer import build_ffn
+from gem_d2.planner.mapping import RouterTables
 
 C, FH, E = 6, 10, 4
 
@@ -103,7 +104,8 @@ def test_dense_moe_equals_plain_ffn():
 
 
 def test_unused_experts_and_router_params_get_zero_not_none_gradients():
-    spec = MoESpec(["encoder.0"], num_experts=E, router="gem", router_kwargs=dict(mapping=[[0], [2]]))
+    spec = MoESpec(["encoder.0"], num_experts=E, router="gem", router_kwargs=dict(
+        tables=RouterTables([[0], [2]], [[1.0], [1.0]], [[False], [False]], [0, 1])))
     torch.manual_seed(0)
     moe = MoEFFN("encoder.0", C, FH, 0.0, "relu", spec)
     x = torch.randn(3, 5, C)
