@@ -42,11 +42,12 @@ def write_voc_dataset(root, split: str, images: Dict[str, dict]) -> str:
     for image_id, spec in images.items():
         w, h = spec.get("size", (64, 48))
         ext = spec.get("ext", ".jpg")
-        Image.new("RGB", (w, h), spec.get("color", (120, 60, 30))).save(os.path.join(root, "JPEGImages", image_id + ext))
+        image = Image.new("RGB", (w, h), spec.get("color", (120, 60, 30)))
+        image.save(os.path.join(root, "JPEGImages", image_id + ext))
         objects = spec.get("objects", [])
         boxes = [VocBox(n, x0, y0, x1, y1, 0 if d is None else d) for n, x0, y0, x1, y1, d in objects]
         text = voc_xml_text("", image_id + ext, w, h, 3, boxes, coordinate_offset=0)
-        for (name, *_rest, difficult), box_xml in zip(objects, re.findall(r"  <object>.*?</object>\n", text, re.S)):
+        for (*_box, difficult), box_xml in zip(objects, re.findall(r"  <object>.*?</object>\n", text, re.S)):
             if difficult is None:
                 text = text.replace(box_xml, re.sub(r"    <difficult>.*</difficult>\n", "", box_xml), 1)
         if not spec.get("xml_size", True):

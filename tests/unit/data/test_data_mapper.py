@@ -92,5 +92,6 @@ def test_bad_records(two_datasets, data_cfg):
     with pytest.raises(KeyError, match="'t_other' is not registered"):
         mapper(dict(a0, dataset_name="t_other"))
     bad = dict(a0, annotations=[dict(a0["annotations"][0], category_id=3)])
-    with pytest.raises(ValueError, match=r"a0.jpg: category ids of dataset 't_ma_train' must lie in \[0, 3\), got values in \[3, 3\]"):
+    with pytest.raises(ValueError, match=r"a0.jpg: category ids of dataset 't_ma_train' "
+                                         r"must lie in \[0, 3\), got values in \[3, 3\]"):
         mapper(bad)
