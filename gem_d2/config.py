@@ -120,3 +120,98 @@ def _add_solver_test(cfg: CN) -> None:
     cfg.SOLVER.AMP.DTYPE = "float16"  # float16 | bfloat16 when SOLVER.AMP.ENABLED (CUDA only)
     cfg.TEST.UODB_PROTOCOL = True  # per-dataset VOC07 11-point AP50 + COCO AP table
     cfg.TEST.UODB_COCO_AP = True  # also COCO AP/AP50/AP75 via pycocotools (~90% of evaluation time); False = NaN
+
+
+def merge_config_file(cfg: CN, path: str) -> CN:
+    """``cfg.merge_from_file(path)`` without ever executing YAML tags; returns ``cfg`` (merged in place).
+
+    detectron2's ``merge_from_file`` falls back to ``yaml.unsafe_load`` when a file has tags
+    ``yaml.safe_load`` refuses, so a config with ``!!python/object/apply:os.system [...]`` runs a command.
+    Here every file (the config and each ``_BASE_``) is read with ``yaml.safe_load`` only; any
+    ``!!python/...`` or other custom tag raises ``ValueError`` naming the file and the tag, before
+    anything in the file is built. Otherwise the result equals ``merge_from_file``:
+
+    - ``_BASE_`` is a path or a list of paths; ``~`` is expanded, and a path not starting with ``/``,
+      ``http://`` or ``https://`` is relative to the folder of the file that names it. Bases may have
+      bases. With a list, the bases are merged in order (a later one wins), then the file itself on top.
+    - Merging is recursive for mappings; any other value replaces the base's. A mapping over a
+      non-mapping base value is an error (``ValueError`` naming the file and key).
+    - ``VERSION``: as ``merge_from_file`` (guessed when absent; older configs upgraded).
+
+    Also errors, naming the file: missing file (and which file named it as base), malformed YAML, a
+    top level that is not a mapping, a ``_BASE_`` that is not a path or list of paths, a ``_BASE_`` cycle.
+    """
+    import os
+
+    import yaml
+    from detectron2.config.compat import downgrade_config, guess_version, upgrade_config
+    from detectron2.config.defaults import _C
+    from detectron2.utils.file_io import PathManager
+
+    def merge_a_into_b(a: dict, b: dict, filename: str) -> None:
+        for k, v in a.items():
+            if isinstance(v, dict) and k in b:
+                if not isinstance(b[k], dict):
+                    raise ValueError(f"{filename}: cannot inherit key {k!r} from base: it is a mapping here but "
+                                     f"{b[k]!r} in the base")
+                merge_a_into_b(v, b[k], filename)
+            else:
+                b[k] = v
+
+    def load(filename: str, chain: tuple) -> dict:
+        key = filename if filename.startswith(("http://", "https://")) else os.path.abspath(filename)
+        if key in chain:
+            raise ValueError(f"_BASE_ cycle: {' -> '.join(chain + (key,))}")
+        named_by = f" (named as _BASE_ in {chain[-1]})" if chain else ""
+        if not PathManager.isfile(filename):
+            raise FileNotFoundError(f"config file not found: {filename}{named_by}")
+        try:
+            with PathManager.open(filename, "r") as f:
+                data = yaml.safe_load(f)
+        except yaml.constructor.ConstructorError as e:
+            raise ValueError(
+                f"{filename}: refused YAML tag ({e.problem} {e.problem_mark or ''}): configs are read with "
+                f"yaml.safe_load and python tags (!!python/...) or other custom tags are not allowed, since they "
+                f"build Python objects or call functions. Write the value as plain YAML.") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{filename}: malformed YAML: {e}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{filename}: the top level is a {type(data).__name__}, expected a mapping of keys")
+        if "_BASE_" not in data:
+            return data
+        bases = data.pop("_BASE_")
+        if isinstance(bases, str):
+            bases = [bases]
+        elif not (isinstance(bases, list) and all(isinstance(b, str) for b in bases)):
+            raise ValueError(f"{filename}: _BASE_ must be a path or a list of paths, got {bases!r}")
+        merged: dict = {}
+        for base in bases:
+            if base.startswith("~"):
+                base = os.path.expanduser(base)
+            if not base.startswith(("/", "https://", "http://")):
+                base = os.path.join(os.path.dirname(filename), base)
+            merge_a_into_b(load(base, chain + (key,)), merged, filename)
+        merge_a_into_b(data, merged, filename)
+        return merged
+
+    path = os.fspath(path)
+    loaded = type(cfg)(load(path, ()))
+    if cfg.VERSION != _C.VERSION:
+        raise ValueError(f"merge_config_file({path}): cfg has VERSION {cfg.VERSION}, only the latest "
+                         f"({_C.VERSION}) can be merged into")
+    loaded_ver = loaded.get("VERSION", None)
+    if loaded_ver is None:
+        loaded_ver = guess_version(loaded, path)
+    if loaded_ver > cfg.VERSION:
+        raise ValueError(f"{path}: a v{loaded_ver} config cannot be merged into a v{cfg.VERSION} config")
+    if loaded_ver == cfg.VERSION:
+        cfg.merge_from_other_cfg(loaded)
+    else:
+        old = downgrade_config(cfg, to_version=loaded_ver)
+        old.merge_from_other_cfg(loaded)
+        new = upgrade_config(old)
+        cfg.clear()
+        cfg.update(new)
+    return cfg

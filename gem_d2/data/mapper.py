@@ -8,19 +8,47 @@ from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.utils.file_io import PathManager
+from PIL import Image
 
 from gem_d2.data.label_space import UnifiedLabelSpace
 from gem_d2.utils.checks import check_index_range
+
+# Integer grayscale modes PIL opens 16-bit images in (PNG, TIFF; "I" is 32-bit signed, e.g. older Pillow's PNGs).
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class ImageReadError(OSError):
     """An image file exists but cannot be decoded (the message names the file)."""
 
 
+def image_to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale -> 8-bit ``"L"`` by ``v >> 8`` (``floor(v / 256)``); other modes are returned as is.
+
+    PIL's own conversion of a 16-bit image to ``"L"``/``"RGB"`` clips every value above 255 to 255, which
+    turns most of a 16-bit image white. The rule here maps the full 16-bit range linearly onto 0..255:
+    it keeps the order of pixel values (monotone), a full-range image keeps its full spread (each output
+    level gets 1/256 of a uniform gradient), and it is the same for every image (no per-image stretch,
+    so brightness stays comparable across a dataset and flat images do not get their noise amplified).
+    Modes: ``I;16`` (and ``I;16L/B/N``) and ``I`` (32-bit integer; values outside 0..65535 are clipped
+    first). Data that uses only part of the range (e.g. 12-bit scans stored in 16 bits, or CT values
+    that need a window) comes out dark: convert such images to 8 bits when preparing the dataset, as
+    ``gem_d2.prepare`` does for DeepLesion.
+    """
+    if image.mode not in HIGH_BIT_DEPTH_MODES:
+        return image
+    values = np.asarray(image).astype(np.int64)
+    return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
+
+
 def read_image_checked(file_name: str, format: Optional[str] = None):
-    """detectron2's ``read_image`` with an error naming the file when it is missing or corrupt."""
+    """detectron2's ``read_image`` (EXIF orientation, then ``format``) with an error naming the file when it is
+    missing or corrupt, and 16-bit images mapped to 8 bits by :func:`image_to_8bit` instead of clipped."""
     try:
-        return utils.read_image(file_name, format=format)
+        with PathManager.open(file_name, "rb") as f:
+            image = Image.open(f)
+            image = utils._apply_exif_orientation(image)
+            return utils.convert_PIL_to_numpy(image_to_8bit(image), format)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"image file not found: {file_name}") from e
     except (OSError, SyntaxError, ValueError) as e:

@@ -14,12 +14,18 @@ Parsing rules (those of the UODB reference code):
 - Coordinates are 1-based: ``coordinate_offset`` (1 by default) is subtracted from all four; boxes are
   ``XYXY_ABS`` in 0-based pixel indices (inclusive), the reference convention.
 - ``difficult`` (missing -> 0) is kept and stored as ``"difficult": 0|1`` in each annotation dict.
-- A box outside the image is clipped to ``[0, width-1] x [0, height-1]`` (counted, logged); a box that is
-  empty after clipping (``x2 <= x1`` or ``y2 <= y1``) is dropped (counted, logged).
-- Height/width come from ``<size>`` when present and positive, else from the image header.
+- Boxes follow :func:`validate_box` (shared with the COCO-JSON reader): a box with a NaN/inf coordinate
+  is dropped; a box with ``x2 <= x1`` or ``y2 <= y1`` is dropped; a box outside the image is clipped to
+  ``[0, width-1] x [0, height-1]``; a box empty after clipping is dropped. Each is counted in
+  :class:`VocLoadStats` and logged.
+- Height/width come from ``<size>`` when present and positive, else from the image header; a NaN/inf
+  ``<size>`` is an error naming the file.
+- The split file must list each id once, and ids must be plain file names (no ``/``, not ``.``/``..``),
+  so every file read stays inside the dataset root; otherwise an error names the split file and the id.
 - Missing files, malformed XML, an empty split file or unparsable fields raise an error naming the file.
 """
 import logging
+import math
 import os
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -43,17 +49,19 @@ class DatasetFormatError(ValueError):
 
 @dataclass
 class VocLoadStats:
-    """What one load of a VOC-layout dataset kept, changed and skipped.
+    """What one load of a dataset kept, changed and skipped (VOC layout and COCO JSON alike).
 
     Filled in place on every ``DatasetCatalog.get`` (registered datasets keep one in metadata ``load_stats``).
     """
 
     images: int = 0
     boxes: int = 0  # boxes kept
-    difficult: int = 0  # kept boxes flagged difficult
+    difficult: int = 0  # kept boxes flagged difficult (COCO: iscrowd)
     dropped_unknown: Dict[str, int] = field(default_factory=dict)  # class name -> boxes dropped
     clipped: int = 0  # kept boxes that were clipped to the image
-    dropped_degenerate: int = 0  # boxes dropped because empty after clipping
+    dropped_degenerate: int = 0  # boxes dropped: zero/negative width or height, before or after clipping
+    dropped_nonfinite: int = 0  # boxes dropped: a NaN or infinite coordinate
+    dropped_no_image: int = 0  # COCO annotations whose image_id is not among the file's images
     loaded: bool = False
 
     @property
@@ -63,6 +71,40 @@ class VocLoadStats:
     def update(self, other: "VocLoadStats") -> None:
         """Replace this object's counters by ``other``'s (keeps the object identity stored in metadata)."""
         self.__dict__.update({k: (dict(v) if isinstance(v, dict) else v) for k, v in other.__dict__.items()})
+
+
+def validate_box(box: Sequence[float], width: float, height: float, stats: VocLoadStats,
+                 pixel_inclusive: bool = True) -> Optional[List[float]]:
+    """The one box rule of every gem_d2 loader: the box to keep (XYXY_ABS, clipped), or None to drop it.
+
+    Args:
+        box: ``[x1, y1, x2, y2]`` in absolute pixels.
+        width, height: the image size (finite, positive; the loaders check it).
+        stats: ``dropped_nonfinite``, ``dropped_degenerate`` or ``clipped`` is incremented (``boxes`` is the
+            caller's, as it may drop boxes for other reasons).
+        pixel_inclusive: True for VOC pixel indices (the image spans ``[0, width-1]``), False for COCO's
+            continuous coordinates (the image spans ``[0, width]``).
+
+    Rules, in order: any NaN/inf coordinate -> dropped (``dropped_nonfinite``); ``x2 <= x1`` or
+    ``y2 <= y1`` -> dropped (``dropped_degenerate``); clipped to the image, and dropped when empty
+    after clipping (``dropped_degenerate``), else counted in ``clipped`` when clipping changed it.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        stats.dropped_nonfinite += 1
+        return None
+    if x2 <= x1 or y2 <= y1:
+        stats.dropped_degenerate += 1
+        return None
+    max_x = width - 1.0 if pixel_inclusive else float(width)
+    max_y = height - 1.0 if pixel_inclusive else float(height)
+    clipped = [min(max(x1, 0.0), max_x), min(max(y1, 0.0), max_y), min(max(x2, 0.0), max_x), min(max(y2, 0.0), max_y)]
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        stats.dropped_degenerate += 1
+        return None
+    if clipped != [x1, y1, x2, y2]:
+        stats.clipped += 1
+    return clipped
 
 
 def _normalise_ext(image_ext: Optional[str]) -> Optional[str]:
@@ -80,10 +122,19 @@ def read_split_ids(root: str, split: str) -> Tuple[str, List[str]]:
     if not os.path.isfile(split_file):
         raise FileNotFoundError(f"split file not found: {split_file} (expected one image id per line)")
     with open(split_file, encoding="utf-8") as f:
-        ids = [line.split()[0] for line in f if line.strip()]
-    if not ids:
+        numbered = [(n, line.split()[0]) for n, line in enumerate(f, 1) if line.strip()]
+    if not numbered:
         raise DatasetFormatError(f"split file {split_file} is empty: it lists no image ids")
-    return split_file, ids
+    first_line: Dict[str, int] = {}
+    for n, image_id in numbered:
+        if "/" in image_id or "\\" in image_id or image_id in (".", ".."):
+            raise DatasetFormatError(f"{split_file}, line {n}: image id {image_id!r} is not a plain file name; ids "
+                                     f"name files in Annotations/ and JPEGImages/ and must not reach outside {root}")
+        if image_id in first_line:
+            raise DatasetFormatError(f"{split_file}: image id {image_id!r} is listed twice (lines "
+                                     f"{first_line[image_id]} and {n}); each image must appear once in a split")
+        first_line[image_id] = n
+    return split_file, [image_id for _, image_id in numbered]
 
 
 def _index_images(image_dir: str) -> Dict[str, List[str]]:
@@ -133,8 +184,11 @@ def _image_size(root_elem, xml_file: str, image_file: str) -> Tuple[int, int]:
     """(height, width) from ``<size>`` when present and positive, else from the image header."""
     size = root_elem.find("size")
     if size is not None and size.find("width") is not None and size.find("height") is not None:
-        w = int(_number(size, "width", xml_file, "<size>"))
-        h = int(_number(size, "height", xml_file, "<size>"))
+        wf = _number(size, "width", xml_file, "<size>")
+        hf = _number(size, "height", xml_file, "<size>")
+        if not (math.isfinite(wf) and math.isfinite(hf)):
+            raise DatasetFormatError(f"{xml_file}: <size> is not finite: width {wf}, height {hf}")
+        w, h = int(wf), int(hf)
         if w > 0 and h > 0:
             return h, w
     try:
@@ -174,13 +228,9 @@ def parse_voc_annotation(xml_file, image_file, class_to_id, stats, coordinate_of
         if name not in class_to_id:
             stats.dropped_unknown[name] = stats.dropped_unknown.get(name, 0) + 1
             continue
-        clipped = [min(max(box[0], 0.0), width - 1.0), min(max(box[1], 0.0), height - 1.0),
-                   min(max(box[2], 0.0), width - 1.0), min(max(box[3], 0.0), height - 1.0)]
-        if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-            stats.dropped_degenerate += 1
+        clipped = validate_box(box, width, height, stats, pixel_inclusive=True)
+        if clipped is None:
             continue
-        if clipped != box:
-            stats.clipped += 1
         stats.boxes += 1
         stats.difficult += difficult
         annotations.append({"bbox": clipped, "bbox_mode": BoxMode.XYXY_ABS,
@@ -232,13 +282,18 @@ def load_voc_instances(
 
 
 def _log_stats(label: str, stats: VocLoadStats) -> None:
+    if stats.dropped_nonfinite:
+        logger.warning(f"{label}: dropped {stats.dropped_nonfinite} boxes with a NaN or infinite coordinate")
+    if stats.dropped_no_image:
+        logger.warning(f"{label}: dropped {stats.dropped_no_image} annotations whose image_id is not in the file")
     if stats.dropped_unknown:
         logger.warning(f"{label}: dropped {stats.num_dropped_unknown} boxes of classes not in the dataset's class "
                        f"list: {dict(sorted(stats.dropped_unknown.items()))}")
     if stats.clipped:
         logger.warning(f"{label}: clipped {stats.clipped} boxes that extended outside their image")
     if stats.dropped_degenerate:
-        logger.warning(f"{label}: dropped {stats.dropped_degenerate} boxes that were empty after clipping")
+        logger.warning(f"{label}: dropped {stats.dropped_degenerate} boxes that were empty (zero or negative width "
+                       f"or height, as given or after clipping to the image)")
     logger.info(f"{label}: loaded {stats.images} images, {stats.boxes} boxes ({stats.difficult} difficult)")
 
 
@@ -251,7 +306,8 @@ def _load_and_record(name, sources, class_names, image_ext, coordinate_offset, s
             for r in recs:
                 r["image_id"] = f"{os.path.basename(os.path.normpath(root))}/{r['image_id']}"
         records.extend(recs)
-        for key in ("images", "boxes", "difficult", "clipped", "dropped_degenerate"):
+        for key in ("images", "boxes", "difficult", "clipped", "dropped_degenerate", "dropped_nonfinite",
+                    "dropped_no_image"):
             setattr(total, key, getattr(total, key) + getattr(st, key))
         total.dropped_unknown = dict(Counter(total.dropped_unknown) + Counter(st.dropped_unknown))
     total.loaded = True
