@@ -14,14 +14,19 @@ from the checkpoint); the resolved config is written to ``OUTPUT_DIR/config.yaml
 """
 import gem_d2  # noqa: F401,I001  (first: compatibility shims, then detectron2 registrations)
 
+import contextlib
+
 from detectron2.engine import default_argument_parser
 
 from gem_d2.engine import launch
+from gem_d2.engine.run_lock import OutputDirLock
 from gem_d2.engine.setup import build_cfg, train_main
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    device = build_cfg(args.config_file, args.opts).MODEL.DEVICE  # gloo (CPU) or NCCL (CUDA) for the workers
-    launch(train_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,), device=device)
+    cfg = build_cfg(args.config_file, args.opts)
+    # one run per OUTPUT_DIR at a time (taken by the launching process of machine 0; the workers are its children)
+    with OutputDirLock(cfg.OUTPUT_DIR) if args.machine_rank == 0 and cfg.OUTPUT_DIR else contextlib.nullcontext():
+        launch(train_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,), device=cfg.MODEL.DEVICE)  # gloo on CPU, NCCL on CUDA

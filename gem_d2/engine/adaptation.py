@@ -44,6 +44,7 @@ from gem_d2.engine.trainer import GemTrainer
 from gem_d2.planner.mapping import GemMapping
 from gem_d2.planner.pipeline import plan_new_unit_from_cfg
 from gem_d2.utils.files import atomic_write_text
+from gem_d2.utils.safe_load import load_torch_file
 
 __all__ = ["adapted_config", "load_extended_weights", "select_trainable", "AdaptTrainer", "CLASS_ROW_PARAMS",
            "run_adaptation"]
@@ -278,7 +279,7 @@ def run_adaptation(args) -> dict:
     new_cfg.freeze()
     write_config(new_cfg, os.path.join(out_dir, "config.yaml"))
 
-    state = torch.load(args.weights, map_location="cpu", weights_only=True)
+    state = load_torch_file(args.weights)
     state = state.get("model", state)
     old_used = experts_of_units(list(cfg.MODEL.GEM.MAPPING)) if gem else None
 

@@ -19,12 +19,12 @@ import os
 from typing import Any, Dict, Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.utils.file_io import PathManager
 
 from gem_d2.planner.mapping import GemMapping
 from gem_d2.utils.files import atomic_write
+from gem_d2.utils.safe_load import SafeDetectionCheckpointer, load_torch_file
 
 __all__ = ["MAPPING_KEY", "ROUTER_KEY", "GemCheckpointer", "read_checkpoint_mapping", "MappingMismatchError"]
 
@@ -45,17 +45,15 @@ def read_checkpoint_mapping(path: str) -> Optional[GemMapping]:
         raise FileNotFoundError(f"checkpoint {path!r} not found (MODEL.WEIGHTS or OUTPUT_DIR/last_checkpoint)")
     if not local.endswith((".pth", ".pt")):
         return None
-    try:
-        data = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
-        data = torch.load(local, map_location="cpu", weights_only=True)
+    data = load_torch_file(local, mmap=True)
     if not isinstance(data, dict) or data.get(MAPPING_KEY) is None:
         return None
     return GemMapping.from_record(data[MAPPING_KEY], source=f"{path}[{MAPPING_KEY!r}]")
 
 
-class GemCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that stores the GEM mapping and saves atomically.
+class GemCheckpointer(SafeDetectionCheckpointer):
+    """``DetectionCheckpointer`` that stores the GEM mapping, saves atomically and reads files as data only
+    (weights-only torch loading; ``.pkl`` through a restricted unpickler, see ``gem_d2.utils.safe_load``).
 
     Args:
         model, save_dir, save_to_disk, checkpointables: as ``DetectionCheckpointer``.

@@ -11,7 +11,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from gem_d2 import _compat
-from gem_d2.config import add_gem_config
+from gem_d2.config import add_gem_config, merge_config_file
 from gem_d2.data import ensure_synthetic, register_few_shot_names, register_uodb
 from gem_d2.engine.checkpoint import GemCheckpointer
 from gem_d2.engine.planning import resolve_gem_mapping
@@ -24,7 +24,7 @@ def build_cfg(config_file: str, opts) -> CfgNode:
     """get_cfg + add_gem_config + ``config_file`` (may be empty) + ``opts`` (KEY VALUE list); not frozen."""
     cfg = add_gem_config(get_cfg())
     if config_file:
-        cfg.merge_from_file(config_file)
+        merge_config_file(cfg, config_file)
     cfg.merge_from_list(list(opts))
     return cfg
 

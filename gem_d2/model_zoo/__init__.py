@@ -30,8 +30,8 @@ def get_config(name: str):
     """A detectron2 CfgNode with gem_d2's keys, merged from the shipped config ``name``."""
     from detectron2.config import get_cfg
 
-    from gem_d2.config import add_gem_config
+    from gem_d2.config import add_gem_config, merge_config_file
 
     cfg = add_gem_config(get_cfg())
-    cfg.merge_from_file(get_config_file(name))
+    merge_config_file(cfg, get_config_file(name))
     return cfg

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from gem_d2.planner.kmeans import kmeans
 from gem_d2.planner.mapping import UNIT_SEPARATOR
+from gem_d2.utils.safe_load import SafeDetectionCheckpointer
 
 __all__ = ["AffinityResult", "FeatureExtractor", "UnitFeatures", "affinity_from_features", "affinity_from_prototypes",
            "build_frozen_backbone", "collect_unit_features", "compute_affinity", "unit_prototypes"]
@@ -73,7 +74,6 @@ def build_frozen_backbone(cfg) -> torch.nn.Module:
     by detectron2's suffix alignment) both load. With no weights the backbone is randomly initialised from
     ``PLANNER.SEED`` (without touching the global RNG).
     """
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_backbone
 
     device = torch.device(cfg.MODEL.DEVICE)
@@ -85,7 +85,7 @@ def build_frozen_backbone(cfg) -> torch.nn.Module:
     holder = torch.nn.Module()
     holder.backbone = backbone
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(holder).load(cfg.MODEL.WEIGHTS)
+        SafeDetectionCheckpointer(holder).load(cfg.MODEL.WEIGHTS)
     else:
         logger.info("planner: MODEL.WEIGHTS is empty, affinity features come from a randomly initialised backbone")
     backbone.eval()

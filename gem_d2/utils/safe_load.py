@@ -22,6 +22,9 @@ import pickle
 import zipfile
 from typing import Any, Dict, Optional
 
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
 __all__ = ["CorruptFileError", "UnsafePickleError", "RestrictedUnpickler", "load_torch_file", "load_pickle_weights",
            "safe_checkpoint_load", "SafeCheckpointLoadMixin", "checkpoint_problem", "is_readable_checkpoint"]
 
@@ -172,8 +175,6 @@ def load_torch_file(path, mmap: bool = False) -> Any:
         CorruptFileError: truncated, corrupt or not a torch file; the message names ``path`` and the format
             that was expected, with torch's own error.
     """
-    import torch
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path} (expected {_TORCH_EXPECTED})")
@@ -280,3 +281,7 @@ class SafeCheckpointLoadMixin:
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         return safe_checkpoint_load(filename, logger=getattr(self, "logger", None))
+
+
+class SafeDetectionCheckpointer(SafeCheckpointLoadMixin, DetectionCheckpointer):
+    """detectron2's ``DetectionCheckpointer`` reading every file as data (:func:`safe_checkpoint_load`)."""
