@@ -10,7 +10,7 @@ from typing import Mapping, Optional
 from gem_d2.evaluation.uodb_evaluator import RESULT_KEY, json_safe
 from gem_d2.utils.files import atomic_write_text
 
-# Table columns: metric key -> header naming the metric (REFERENCE §1.3: always name it).
+# Table columns: metric key -> header naming the metric (docs/design/data.md: always name it).
 COLUMNS = OrderedDict([
     ("AP50_voc07", "AP50 (VOC07 11-pt)"),
     ("AP", "AP (COCO)"),

@@ -1,4 +1,4 @@
-"""gem_d2.planner: GEM's planner (affinity -> LP relaxation) and compiler (rounding -> mapping), DESIGN §1.
+"""gem_d2.planner: GEM's planner (affinity -> LP relaxation) and compiler (rounding -> mapping), docs/design/planner.md.
 
 Standalone use on any affinity matrix::
 

@@ -1,4 +1,4 @@
-"""Affinity of planning units for experts, from a frozen detectron2 backbone (DESIGN §1).
+"""Affinity of planning units for experts, from a frozen detectron2 backbone (docs/design/planner.md).
 
 Per unit, ``MODEL.GEM.PLANNER.SAMPLES_PER_UNIT`` training images (dataset level) or ground-truth boxes (class
 level) are sampled with a seed derived from ``PLANNER.SEED`` and the unit's name. Each image is resized (short

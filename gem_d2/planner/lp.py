@@ -1,4 +1,4 @@
-"""The LP relaxation of DESIGN §1 and its exact integer version (the MILP).
+"""The LP relaxation of docs/design/planner.md and its exact integer version (the MILP).
 
     maximise   sum_u sum_j a_u w_uj x_uj
     subject to sum_j x_uj = k_u               (coverage)

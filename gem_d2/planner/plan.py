@@ -105,7 +105,7 @@ def compile_assignment(p: PlanProblem, x_lp: np.ndarray, rounding: str, milp: Op
                        repair: bool = True) -> np.ndarray:
     """Turn an LP solution into a 0/1 mapping with the named compiler.
 
-    "hierarchical": DESIGN §1 steps 1-3 then the capacity-repair and improvement passes (:mod:`.repair`;
+    "hierarchical": docs/design/planner.md steps 1-3 then the capacity-repair and improvement passes (:mod:`.repair`;
     ``repair=False`` skips both);
     "shmoys_tardos": the yardstick rounding, unrepaired; "exact": the MILP optimum (``milp`` must be given).
     """
@@ -128,7 +128,7 @@ def compile_assignment(p: PlanProblem, x_lp: np.ndarray, rounding: str, milp: Op
 def plan_mapping(affinity, loads, k=1, slack: float = 0.1, beta: float = 0.5, capacities=None, solver: str = "CBC",
                  rounding: str = "hierarchical", unit_names: Optional[Sequence[str]] = None,
                  milp: Optional[bool] = None, milp_time_limit: Optional[float] = 10.0) -> ExpertPlan:
-    """Plan a unit -> experts mapping (DESIGN §1).
+    """Plan a unit -> experts mapping (docs/design/planner.md).
 
     Args:
         affinity: (m, n) affinity ``w_uj`` of unit u for expert j.

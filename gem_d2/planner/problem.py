@@ -1,4 +1,4 @@
-"""The planning problem of DESIGN §1: validated inputs, derived capacities and importance weights.
+"""The planning problem of docs/design/planner.md: validated inputs, derived capacities and importance weights.
 
 A :class:`PlanProblem` holds everything the LP, the compilers and the MILP need, with every input
 checked once here (shapes, finiteness, ranges) and the infeasibility that can be seen without a
@@ -40,7 +40,7 @@ def importance_weights(loads: np.ndarray, beta: float) -> np.ndarray:
 
     Args:
         loads: (m,) positive unit loads ``s_u``.
-        beta: exponent; 0.5 in DESIGN §1 so rare units are not crowded out.
+        beta: exponent; 0.5 by default so rare units are not crowded out.
     Returns:
         (m,) float64 array with mean 1.
     """
@@ -142,7 +142,7 @@ def _as_k(k, m: int, n: int, names: Sequence[str]) -> np.ndarray:
 
 def build_problem(affinity, loads, k=1, slack: float = 0.1, beta: float = 0.5, capacities=None,
                   unit_names: Optional[Sequence[str]] = None) -> PlanProblem:
-    """Validate inputs and derive capacities and importance (DESIGN §1).
+    """Validate inputs and derive capacities and importance (docs/design/planner.md).
 
     Args:
         affinity: (m, n) array-like ``w_uj`` (finite).

@@ -1,4 +1,4 @@
-"""Hierarchical rounding of the LP solution (DESIGN §1 compiler, steps 1-3).
+"""Hierarchical rounding of the LP solution (docs/design/planner.md, compiler steps 1-3).
 
 1. Commit every ``x*_uj >= 1 - 1e-9``.
 2. For levels l = 1..L (L = ceil(log2 m), at least 1) take the pairs whose l-th binary digit,

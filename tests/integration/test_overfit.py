@@ -1,4 +1,4 @@
-"""The small CPU config memorises two generated images (issue #3's overfit criterion).
+"""The small CPU config memorises two generated images.
 
 Two images rendered by the synthetic-data generator (one ``photo``, one ``cartoon`` image, so two class
 blocks) are trained on at batch 2 with the optimiser settings of ``configs/dino_synth_small.yaml``

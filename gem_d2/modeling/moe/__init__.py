@@ -1,4 +1,4 @@
-"""Mixture-of-Experts FFNs and their routers (DESIGN.md §2).
+"""Mixture-of-Experts FFNs and their routers (docs/design/routers.md).
 
 ``MoEFFN`` replaces the dense FFN of the layers listed in ``MODEL.GEM.MOE_LAYERS``; the router named
 by ``MODEL.GEM.ROUTER`` (``ROUTER_REGISTRY``) decides which experts each token uses. Importing this
