@@ -6,6 +6,7 @@ is present, the routers in its registry.
 from pathlib import Path
 
 from . import meta_arch  # noqa: F401  (registers GEMDINO)
+from .backbone import build_mobilenet_v2_backbone  # noqa: F401  (registers it and the gem_d2:// weights URLs)
 from .dino import DINO  # noqa: F401
 from .meta_arch import GEMDINO  # noqa: F401
 
