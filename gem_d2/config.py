@@ -14,7 +14,17 @@ def add_gem_config(cfg: CN) -> CN:
     _add_gem(cfg)
     _add_data(cfg)
     _add_solver_test(cfg)
+    _add_mobilenet(cfg)
     return cfg
+
+
+# ---- MODEL.MOBILENET: build_mobilenet_v2_backbone (gem_d2/modeling/backbone/mobilenet.py, docs/backbones.md);
+# its freezing is detectron2's MODEL.BACKBONE.FREEZE_AT (0 none, 1 stem, 2 stem + res2, ..., 5 all stages).
+def _add_mobilenet(cfg: CN) -> None:
+    cfg.MODEL.MOBILENET = m = CN()
+    m.NORM = "FrozenBN"  # FrozenBN | BN | SyncBN for every BatchNorm (frozen stages are FrozenBN regardless)
+    m.OUT_FEATURES = ["res3", "res4", "res5"]  # of stem/res2/res3/res4/res5 (strides 2/4/8/16/32)
+# ---- end MODEL.MOBILENET
 
 
 def _add_dino(cfg: CN) -> None:

