@@ -1,4 +1,5 @@
-"""The DINO optimizer (docs/design/detector.md): AdamW, backbone LR multiplier, no decay on norms/biases/embeddings, grad clip.
+"""The DINO optimizer (docs/design/detector.md): AdamW, backbone LR multiplier, no decay on
+norms/biases/embeddings, grad clip.
 
 Parameter groups are built like detectron2's ``get_default_optimizer_params`` (one group per
 parameter, same norm-layer types), plus what v0.6 lacks: a learning-rate factor for the backbone

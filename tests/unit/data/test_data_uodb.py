@@ -1,7 +1,7 @@
 """Every UODB dataset registered against a small fixture tree in the real layout (jpg, png and COCO JSON).
 
-Expected values come from the UODB reference code (the UODB protocol, docs/design/data.md), written out here independently
-of gem_d2.data.uodb: folder, class count, first/last class, train/test split names, image extension and the
+Expected values come from the UODB reference code (docs/design/data.md), written out here independently of
+gem_d2.data.uodb: folder, class count, first/last class, train/test split names, image extension and the
 value the reference loader subtracts from the XML coordinates.
 """
 import json

@@ -14,7 +14,8 @@ SOLVERS = ("CBC", "HIGHS")
 
 
 def reference_lp(w, s, k, slack, beta):
-    """The planner's LP (docs/design/planner.md) written out densely and solved by scipy's linprog (HiGHS); returns (status, value)."""
+    """The planner's LP (docs/design/planner.md) written out densely and solved by scipy's linprog (HiGHS);
+    returns (status, value)."""
     m, n = w.shape
     a = s ** (-beta)
     a = a * m / a.sum()
