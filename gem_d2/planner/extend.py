@@ -1,13 +1,14 @@
 """Extending a plan with new units while the planned units keep their experts (few-shot adaptation).
 
-The planner's LP (docs/design/planner.md) with the old units' rows fixed as constraints (``x_uj = 1`` for
-their experts, 0 elsewhere) separates: the fixed rows contribute a constant to the objective and a
+The planner's LP (docs/design/planner.md) with the old units' rows fixed as constraints (``x_uj = 1``
+for their experts, 0 elsewhere) separates: the fixed rows contribute a constant to the objective and a
 constant load ``L_j`` to every capacity row, so the new units' problem is the same LP over the new rows
 only, with residual capacities ``C_j - L_j``. :func:`plan_new_units` solves exactly that with
-:func:`~gem_d2.planner.plan.plan_mapping` and the same rounding. Capacities ``C_j`` follow the slack formula over all units (old and new) unless given.
+:func:`~gem_d2.planner.plan.plan_mapping` and the same rounding. Capacities ``C_j`` follow the slack
+formula over all units (old and new) unless given.
 
-Experts appended for the new units (``num_new_experts``) hold no old unit; they would be dead unless a new
-unit takes them, so their number may not exceed the new units' total ``k``.
+Experts appended for the new units (``num_new_experts``) hold no old unit; they would be dead unless a
+new unit takes them, so their number may not exceed the new units' total ``k``.
 """
 from __future__ import annotations
 
