@@ -20,7 +20,7 @@ setup(
     name="gem_d2",
     version="0.1.0",
     description="GEM (Global Expert Mapping) Mixture-of-Experts DINO for multi-dataset detection, on detectron2",
-    packages=find_packages(include=["gem_d2", "gem_d2.*"]),
+    packages=find_packages(include=["gem_d2", "gem_d2.*", "benchmarks", "benchmarks.*"]),
     package_dir={"": "."},
     package_data={"gem_d2.model_zoo": ["configs/*.yaml", "configs/**/*.yaml"]},
     python_requires=">=3.9",

@@ -1,7 +1,6 @@
 """inference: images/s and latency (median, p90) of the GEM model, known-dataset vs auto test-time routing.
 
     python tools/benchmark.py inference [--batch-sizes 1 8] [--repeats 30] [--device cpu] [--amp] [KEY VALUE ...]
-    python tools/bench_inference.py ...       # same, standalone
 
 The model is ``--config-file`` (default configs/gem_dino_synth_demo.yaml: the small GEM-DINO, MoE FFNs
 in decoder layers 0 and 2, 4 experts) in eval mode under ``torch.inference_mode``. Its GEM mapping is
@@ -16,7 +15,7 @@ Two routings, the same model and weights:
 - ``auto``: ``MODEL.GEM.TEST_ROUTING auto``, the model's linear dataset classifier on the backbone's
   pooled mean/std features picks the dataset (gem_d2.modeling.auto_routing). The classifier is the
   checkpoint's when it carries one, else fitted at start-up by
-  ``gem_d2.engine.compute_routing_prototypes`` on ``--prototype-images`` training images per dataset
+  ``gem_d2.engine.fit_dataset_classifier`` on ``--prototype-images`` training images per dataset
   (default ``MODEL.GEM.PLANNER.SAMPLES_PER_UNIT``: 16 in the demo config) with the (random-init)
   model, as GemTrainer does before evaluating; that start-up time is reported, not included in the
   latencies. "routed right" is the share of the timed images sent to their own domain (with random
@@ -35,21 +34,30 @@ timings erratic); ``--threads 0`` uses all cores.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.common import (
+    add_config_opts,
+    add_model_arguments,
+    add_output,
+    add_threads,
+    autocast_dtype,
+    device_name,
+    fixed_gem_mapping,
+    load_average,
+    set_threads,
+    timed,
+    write_json,
+)
+
 ROUTINGS = ("dataset", "auto")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config-file", default="configs/gem_dino_synth_demo.yaml")
-    parser.add_argument("--device", default="", help="torch device (default: the config's MODEL.DEVICE)")
+    add_model_arguments(parser)
     parser.add_argument("--amp", action="store_true",
                         help="run the model under torch.autocast with SOLVER.AMP.DTYPE (CUDA only)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
@@ -61,11 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training images per dataset to fit the auto-routing classifier when the weights hold "
                              "none (0 = MODEL.GEM.PLANNER.SAMPLES_PER_UNIT, as GemTrainer)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch.set_num_threads (default 1: see the module docstring; 0 = torch's default)")
-    parser.add_argument("--output", default="output/benchmarks/inference.json")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
-                        help="config overrides KEY VALUE ... (e.g. MODEL.WEIGHTS output/demo/model_final.pth)")
+    add_threads(parser)
+    add_output(parser, "inference")
+    add_config_opts(parser, "MODEL.WEIGHTS output/demo/model_final.pth")
 
 
 def build_cfg(config_file: str, opts, device: str):
@@ -77,9 +83,7 @@ def build_cfg(config_file: str, opts, device: str):
         cfg.MODEL.DEVICE = device
     g = cfg.MODEL.GEM
     if g.ROUTER == "gem" and g.MOE_LAYERS and not g.MAPPING:
-        g.UNITS = list(cfg.DATASETS.TRAIN)
-        g.MAPPING = [[i % int(g.NUM_EXPERTS)] for i in range(len(cfg.DATASETS.TRAIN))]
-        g.MAPPING_WEIGHTS = []
+        fixed_gem_mapping(cfg)
         g.EXPERTS_PER_UNIT = 1
     g.TEST_ROUTING = "auto"  # builds the dataset router; the routing is switched per call (see run)
     return cfg
@@ -106,14 +110,7 @@ def image_pool(cfg, size: int) -> list:
     return pool
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _p90(values) -> float:
+def p90(values) -> float:
     if len(values) == 1:
         return values[0]
     s = sorted(values)
@@ -124,8 +121,6 @@ def _p90(values) -> float:
 
 def run(args) -> dict:
     """Run the benchmark; returns the report (also written to ``--output``)."""
-    import platform
-
     import torch
 
     import gem_d2  # noqa: F401  (first: compatibility shims before detectron2)
@@ -133,36 +128,28 @@ def run(args) -> dict:
     # isort: split
     from detectron2.modeling import build_model
 
-    from gem_d2.engine import GemCheckpointer, compute_routing_prototypes
+    from gem_d2.engine import GemCheckpointer, fit_dataset_classifier
     from gem_d2.engine.setup import prepare_datasets
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.repeats < 1 or args.warmup < 0 or min(args.batch_sizes) < 1:
         raise ValueError("--repeats and --batch-sizes must be >= 1, --warmup >= 0")
     cfg = build_cfg(args.config_file, args.opts, args.device)
     prepare_datasets(cfg)
     device = torch.device(cfg.MODEL.DEVICE)
-    amp = None
-    if args.amp:
-        from gem_d2.engine import amp_dtype
-
-        amp_cfg = cfg.clone()
-        amp_cfg.defrost()
-        amp_cfg.SOLVER.AMP.ENABLED = True
-        amp = amp_dtype(amp_cfg)  # a clear error off CUDA
+    amp = autocast_dtype(cfg, args.amp)  # a clear error off CUDA
     torch.manual_seed(args.seed)
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
         GemCheckpointer.from_config(cfg, model).load(cfg.MODEL.WEIGHTS)
     model.eval()
-    if model.auto_router is None:
-        raise ValueError("the model has no dataset router (no label space): auto routing cannot be measured")
+    if model.dataset_classifier is None:
+        raise ValueError("the model has no dataset classifier (no label space): auto routing cannot be measured")
     prototype_s, prototype_source = 0.0, "from the checkpoint"
-    if not bool(model.auto_router.ready):
+    if not bool(model.dataset_classifier.ready):
         t0 = time.perf_counter()
         n = args.prototype_images or int(cfg.MODEL.GEM.PLANNER.SAMPLES_PER_UNIT)
-        compute_routing_prototypes(model, cfg, samples_per_dataset=n)
+        fit_dataset_classifier(model, cfg, samples_per_dataset=n)
         prototype_s = time.perf_counter() - t0
         prototype_source = f"fitted on {n} training images per dataset at start-up"
     pool = image_pool(cfg, max(args.pool, max(args.batch_sizes)))
@@ -177,22 +164,22 @@ def run(args) -> dict:
     cpu = {s: [] for s in settings}
     routed = {s: [0, 0] for s in settings}  # right, total
 
-    def call(setting, timed: bool) -> None:
+    def call(setting, record: bool) -> None:
         routing, b = setting
         idx = [(cursor[setting] + j) % len(pool) for j in range(b)]
         cursor[setting] = (cursor[setting] + b) % len(pool)
         inputs = [pool[i] for i in idx]
         model.test_routing = routing  # what MODEL.GEM.TEST_ROUTING sets at build time; same weights
-        _sync(device)
-        w0, c0 = time.perf_counter(), time.process_time()
-        with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=amp or torch.float32,
-                                                    enabled=amp is not None):
-            outputs = model(inputs)
-        _sync(device)
-        w, c = (time.perf_counter() - w0) * 1e3, (time.process_time() - c0) * 1e3
+
+        def forward():
+            with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=amp or torch.float32,
+                                                        enabled=amp is not None):
+                return model(inputs)
+
+        outputs, w, c = timed(forward, device)
         if len(outputs) != b:
             raise RuntimeError(f"{setting}: {len(outputs)} outputs for {b} images")
-        if timed:
+        if record:
             wall[setting].append(w)
             cpu[setting].append(c)
             if routing == "auto":
@@ -201,11 +188,11 @@ def run(args) -> dict:
 
     for s in settings:
         for _ in range(args.warmup):
-            call(s, timed=False)
+            call(s, record=False)
     for rep in range(args.repeats):
         shift = rep % len(settings)
         for s in settings[shift:] + settings[:shift]:
-            call(s, timed=True)
+            call(s, record=True)
         print(f"round {rep + 1}/{args.repeats}: " + ", ".join(f"{r} b{b} {wall[(r, b)][-1]:.0f}" for r, b in settings)
               + " ms", flush=True)
 
@@ -214,7 +201,7 @@ def run(args) -> dict:
         w, c = wall[(routing, b)], cpu[(routing, b)]
         med = statistics.median(w)
         right, total = routed[(routing, b)]
-        rows.append({"routing": routing, "batch": b, "latency_ms": w, "cpu_ms": c, "median_ms": med, "p90_ms": _p90(w),
+        rows.append({"routing": routing, "batch": b, "latency_ms": w, "cpu_ms": c, "median_ms": med, "p90_ms": p90(w),
                      "min_ms": min(w), "max_ms": max(w), "cpu_median_ms": statistics.median(c),
                      "images_per_s": b / (med / 1e3), "images_per_s_cpu": b / (statistics.median(c) / 1e3),
                      "routed_right": (right / total) if total else None, "routed_images": total})
@@ -227,10 +214,9 @@ def run(args) -> dict:
         print(f"{row['routing']:<8} {row['batch']:>5} {row['images_per_s']:>9.2f} {row['median_ms']:>10.0f} "
               f"{row['p90_ms']:>9.0f} {row['median_ms'] / row['batch']:>9.0f} {row['cpu_median_ms']:>9.0f} {rr:>13}")
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report = {
         "benchmark": "inference", "config_file": args.config_file, "opts": list(args.opts),
-        "device": str(device), "device_name": device_name, "torch": torch.__version__,
+        "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
         "amp": str(amp) if amp else None,
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed, "statistic": "median, p90",
@@ -239,23 +225,10 @@ def run(args) -> dict:
         "auto_router_fit_s": prototype_s,
         "units": list(cfg.MODEL.GEM.UNITS), "mapping": [list(m) for m in cfg.MODEL.GEM.MAPPING],
         "image_hw": list(pool[0]["image"].shape[1:]), "pool": len(pool),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average": load_average(),
         "rows": rows,
     }
     if args.output:
-        from gem_d2.utils.files import atomic_write
-
-        atomic_write(args.output, lambda f: json.dump(report, f, indent=2), binary=False)
+        write_json(args.output, report)
         print(f"wrote {args.output}")
     return report
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
-    main()

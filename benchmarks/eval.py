@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """eval: gem_d2's UODBEvaluator vs detectron2's PascalVOCDetectionEvaluator on the same detections.
 
 Writes a seeded VOC tree (Annotations/*.xml, ImageSets/Main/test.txt) and seeded detections
@@ -15,22 +14,17 @@ detectron2 is given the boxes with x2 + 1, y2 + 1 (see gem_d2/evaluation/uodb_ev
 is what makes its AP50 the UODB protocol for gem_d2's loader convention); the two AP50 must be equal.
 
     python tools/benchmark.py eval [--images 500 --classes 20 --dets-per-image 100]
-    python tools/bench_eval.py     (same options)
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.common import add_output, machine_context, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,10 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dets-per-image", type=int, default=100, help="detections per image")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each evaluator (the minimum is kept)")
-    parser.add_argument("--output", default="output/benchmarks/eval.json", help="JSON result file")
+    add_output(parser, "eval")
 
 
-def _generate(root: Path, rng, num_images: int, num_classes: int, dets_per_image: int):
+def generate(root: Path, rng, num_images: int, num_classes: int, dets_per_image: int):
     """Write the VOC tree; return (records in gem_d2's frame, per-image detections)."""
     import numpy as np
 
@@ -85,7 +79,8 @@ def _generate(root: Path, rng, num_images: int, num_classes: int, dets_per_image
     return classes, records, dets
 
 
-def _outputs(dets, shift):
+def detector_outputs(dets, shift):
+    """(input, output) pairs for an evaluator's ``process``: the detections as Instances, boxes + ``shift``."""
     import numpy as np
     import torch
     from detectron2.structures import Boxes, Instances
@@ -100,7 +95,7 @@ def _outputs(dets, shift):
     return out
 
 
-def _evaluate(make, pairs):
+def evaluate(make, pairs):
     """Construct an evaluator, feed it every image, return its results."""
     ev = make()
     ev.reset()
@@ -109,7 +104,7 @@ def _evaluate(make, pairs):
     return ev.evaluate()
 
 
-def _measure(fn, repeats):
+def measure(fn, repeats):
     """``(min wall s, min CPU s, result)`` of ``fn()`` over ``repeats`` runs. CPU time (this process,
     all threads) is the figure to compare on a shared machine: other processes do not inflate it."""
     wall, cpu, result = float("inf"), float("inf"), None
@@ -120,7 +115,7 @@ def _measure(fn, repeats):
     return wall, cpu, result
 
 
-def _d2_ap50_only(name, pairs):
+def d2_voc_eval_ap50(name, pairs):
     """detectron2's own evaluate() loop restricted to IoU 0.5 (same files, same voc_eval); its AP50."""
     import numpy as np
     from detectron2.evaluation import PascalVOCDetectionEvaluator
@@ -142,26 +137,14 @@ def _d2_ap50_only(name, pairs):
 
 
 def machine_info() -> dict:
-    """Date, machine, library versions and the command line."""
+    """Date, machine, library versions (numpy and pycocotools too) and the command line."""
     from importlib.metadata import version
 
     import numpy
-    import torch
 
-    try:
-        import detectron2
-
-        d2 = detectron2.__version__
-    except ImportError:
-        d2 = "not installed"
-    return {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                   + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"),
-        "versions": f"python {platform.python_version()}, torch {torch.__version__}, detectron2 {d2}, "
-                    f"numpy {numpy.__version__}, pycocotools {version('pycocotools')}",
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "?"] + sys.argv[1:]),
-    }
+    info = machine_context()
+    info["versions"] += f", numpy {numpy.__version__}, pycocotools {version('pycocotools')}"
+    return info
 
 
 def run(args) -> dict:
@@ -180,21 +163,21 @@ def run(args) -> dict:
     name = f"bench_eval_{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         t0 = time.perf_counter()
-        classes, records, dets = _generate(Path(tmp), rng, args.images, args.classes, args.dets_per_image)
+        classes, records, dets = generate(Path(tmp), rng, args.images, args.classes, args.dets_per_image)
         gen_s = time.perf_counter() - t0
         DatasetCatalog.register(name, lambda: records)
         MetadataCatalog.get(name).set(thing_classes=classes, dirname=tmp, split="test", year=2007)
         try:
-            ours_pairs, d2_pairs = _outputs(dets, [0, 0, 0, 0]), _outputs(dets, [0, 0, 1, 1])
+            ours_pairs, d2_pairs = detector_outputs(dets, [0, 0, 0, 0]), detector_outputs(dets, [0, 0, 1, 1])
             r = args.repeats
             t = {}  # label -> (wall, cpu)
-            *t["ours_total"], ours = _measure(
-                lambda: _evaluate(lambda: UODBEvaluator(name, distributed=False), ours_pairs), r)
-            *t["ours_voc07_only"], voc_only = _measure(
-                lambda: _evaluate(lambda: UODBEvaluator(name, distributed=False, compute_coco=False), ours_pairs), r)
-            *t["d2_cold"], _ = _measure(lambda: _evaluate(lambda: PascalVOCDetectionEvaluator(name), d2_pairs), 1)
-            *t["d2_warm"], d2 = _measure(lambda: _evaluate(lambda: PascalVOCDetectionEvaluator(name), d2_pairs), r)
-            *t["d2_iou50_only"], d2_ap50_only = _measure(lambda: _d2_ap50_only(name, d2_pairs), r)
+            *t["ours_total"], ours = measure(
+                lambda: evaluate(lambda: UODBEvaluator(name, distributed=False), ours_pairs), r)
+            *t["ours_voc07_only"], voc_only = measure(
+                lambda: evaluate(lambda: UODBEvaluator(name, distributed=False, compute_coco=False), ours_pairs), r)
+            *t["d2_cold"], _ = measure(lambda: evaluate(lambda: PascalVOCDetectionEvaluator(name), d2_pairs), 1)
+            *t["d2_warm"], d2 = measure(lambda: evaluate(lambda: PascalVOCDetectionEvaluator(name), d2_pairs), r)
+            *t["d2_iou50_only"], d2_ap50_only = measure(lambda: d2_voc_eval_ap50(name, d2_pairs), r)
         finally:
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
@@ -239,24 +222,8 @@ def run(args) -> dict:
           f"detectron2 IoU-0.5-only {d2_ap50_only!r} -> {'EQUAL' if equal else 'DIFFERENT'}")
     print(f"ours COCO: AP {ours['AP']:.3f}, AP50 {ours['AP50']:.3f}, AP75 {ours['AP75']:.3f}")
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.output, result)
     print(f"wrote {args.output}")
     if not equal:
         raise SystemExit("AP50 differs between gem_d2 and detectron2")
     return result
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-    for key, value in machine_info().items():
-        print(f"{key}: {value}")
-    return run(args)
-
-
-if __name__ == "__main__":
-    main()

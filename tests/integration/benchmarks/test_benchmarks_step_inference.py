@@ -1,4 +1,5 @@
-"""tools/benchmark.py step and inference end to end (through the dispatcher's main) at a tiny size.
+"""benchmarks step, inference and msda (``tools/benchmark.py <subcommand>``) end to end through the
+dispatcher's main, at a tiny size.
 
 A tiny GEM-DINO (hidden 32, 1+3 layers, 96 px, 10 queries, batch 2) on the session's small generated
 data; one timed round, no warm-up. Checks the JSON: a row per router / per (routing, batch), positive
@@ -6,22 +7,14 @@ times, the dense row's ratios exactly 1.0, and peak memory from the per-router s
 """
 import gem_d2  # noqa: F401,I001  (compat shims before detectron2)
 
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.cli import main
+
 ROUTERS = ["dense", "dense-moe", "gem", "topk", "softmoe", "remoe", "moepp", "damex"]
-
-
-def _dispatcher():
-    spec = importlib.util.spec_from_file_location("benchmark_dispatcher", os.path.join(REPO, "tools", "benchmark.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _tiny_opts(summary):
@@ -41,8 +34,8 @@ def _positive(*values):
     return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
 
 
+@pytest.mark.slow
 def test_step_benchmark_rows_per_router(small_synth, tmp_path):
-    main = _dispatcher().main
     out = tmp_path / "step.json"
     main(["step", "--repeats", "1", "--warmup", "0", "--memory-jobs", "0", "--output", str(out)]
          + _tiny_opts(small_synth))
@@ -77,8 +70,8 @@ def test_step_benchmark_rows_per_router(small_synth, tmp_path):
 
 def test_inference_benchmark_rows_per_setting(small_synth, tmp_path):
     out = tmp_path / "inference.json"
-    _dispatcher().main(["inference", "--repeats", "1", "--warmup", "0", "--pool", "8", "--prototype-images", "2",
-                        "--output", str(out)] + _tiny_opts(small_synth))
+    main(["inference", "--repeats", "1", "--warmup", "0", "--pool", "8", "--prototype-images", "2",
+          "--output", str(out)] + _tiny_opts(small_synth))
     report = json.loads(out.read_text())
     assert [(r["routing"], r["batch"]) for r in report["rows"]] == [("dataset", 1), ("dataset", 8), ("auto", 1),
                                                                     ("auto", 8)]
@@ -94,15 +87,13 @@ def test_inference_benchmark_rows_per_setting(small_synth, tmp_path):
 
 def test_inference_benchmark_amp_needs_cuda(small_synth, tmp_path):
     with pytest.raises(ValueError, match="SOLVER.AMP.ENABLED=True needs MODEL.DEVICE cuda"):
-        _dispatcher().main(["inference", "--amp", "--repeats", "1", "--output", str(tmp_path / "x.json")]
-                           + _tiny_opts(small_synth))
+        main(["inference", "--amp", "--repeats", "1", "--output", str(tmp_path / "x.json")] + _tiny_opts(small_synth))
     assert not (tmp_path / "x.json").exists()
 
 
 def test_msda_benchmark_small_case_and_amp_errors(tmp_path):
     out = tmp_path / "msda.json"
-    _dispatcher().main(["msda", "--sizes", "small", "--attn", "decoder", "--repeats", "1", "--warmup", "0",
-                        "--output", str(out)])
+    main(["msda", "--sizes", "small", "--attn", "decoder", "--repeats", "1", "--warmup", "0", "--output", str(out)])
     report = json.loads(out.read_text())
     assert report["amp"] is None and report["device"] == "cpu"
     assert [(r["target"], r["queries"], r["tokens"]) for r in report["results"]] == [("core", 200, 1360),
@@ -112,7 +103,7 @@ def test_msda_benchmark_small_case_and_amp_errors(tmp_path):
     for r in report["results"]:
         assert _positive(r["forward_ms"], r["forward_backward_ms"], r["forward_cpu_ms"])
     with pytest.raises(ValueError, match="--amp float16 needs a CUDA --device, got 'cpu'"):
-        _dispatcher().main(["msda", "--amp", "float16", "--output", str(tmp_path / "y.json")])
+        main(["msda", "--amp", "float16", "--output", str(tmp_path / "y.json")])
     with pytest.raises(ValueError, match="--dtype float64"):
-        _dispatcher().main(["msda", "--amp", "float16", "--device", "cuda", "--dtype", "float64",
-                            "--output", str(tmp_path / "y.json")])
+        main(["msda", "--amp", "float16", "--device", "cuda", "--dtype", "float64",
+              "--output", str(tmp_path / "y.json")])

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """planner: solve times and solution quality of GEM's planner (LP) and compilers (DESIGN §1, issue #4).
 
 Cases:
@@ -17,20 +16,17 @@ Compilers: ``hierarchical`` (DESIGN steps 1-3 + the repair and improvement passe
 ``shmoys_tardos+repair`` (both passes), ``exact`` (the MILP; defined only where it is feasible).
 
     python tools/benchmark.py planner [--solver CBC] [--seeds 0] [--skip-5000] [--output output/benchmarks/planner.json]
-    python tools/bench_planner.py     (same options)
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.common import add_output, write_json
 
 COMPILERS = ("hierarchical", "hierarchical_norepair", "shmoys_tardos", "shmoys_tardos+repair", "exact")
 
@@ -44,10 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--milp-time-limit", type=float, default=20.0,
                         help="seconds for the MILP at 1203 x 64 (0 = skip it there)")
     parser.add_argument("--skip-5000", action="store_true", help="skip the 5000 x 256 case")
-    parser.add_argument("--output", default="output/benchmarks/planner.json", help="JSON result file")
+    add_output(parser, "planner")
 
 
-def _cpu() -> float:
+def cpu_seconds() -> float:
     """CPU seconds of this process and its waited-for children (CBC runs as a child process)."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
@@ -75,7 +71,7 @@ def random_instances(seed: int, count: int):
     return out
 
 
-def _compile_all(p, x_lp, milp):
+def compile_all(p, x_lp, milp):
     from gem_d2.planner.plan import compile_assignment
     from gem_d2.planner.repair import repair_assignment
     from gem_d2.planner.shmoys_tardos import shmoys_tardos_round
@@ -95,7 +91,7 @@ def _compile_all(p, x_lp, milp):
     return out
 
 
-def _quality(p, a, lp_value, milp_value):
+def quality(p, a, lp_value, milp_value):
     over = p.overflow(a)
     return {"value": p.value(a), "over_lp": p.value(a) / lp_value,
             "over_milp": None if milp_value is None else p.value(a) / milp_value,
@@ -120,10 +116,10 @@ def run_random(seed: int, count: int, solver: str) -> dict:
         milp_time += milp.seconds
         feasible = milp.status == "optimal"
         milp_infeasible += milp.status == "infeasible"
-        for name, (a, dt) in _compile_all(p, lp.x, milp).items():
+        for name, (a, dt) in compile_all(p, lp.x, milp).items():
             if a is None:
                 continue
-            q = _quality(p, a, lp.value, milp.value if feasible else None)
+            q = quality(p, a, lp.value, milp.value if feasible else None)
             q.update(seconds=dt, milp_feasible=feasible)
             rows[name].append(q)
     agg = {}
@@ -156,17 +152,17 @@ def run_structured(m: int, n: int, solver: str, milp_time_limit: float, lp_solve
         p = build_problem(w, s, slack=0.1, beta=0.5)
         res["lp_seconds_by_solver"], res["lp_cpu_seconds_by_solver"] = {}, {}
         for sv in lp_solvers:
-            t0, c0 = time.perf_counter(), _cpu()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             lp = solve_lp(p, sv)
             secs = res["lp_seconds_by_solver"][sv] = time.perf_counter() - t0
-            cpu = res["lp_cpu_seconds_by_solver"][sv] = _cpu() - c0
+            cpu = res["lp_cpu_seconds_by_solver"][sv] = cpu_seconds() - c0
             print(f"  {m}x{n}: LP with {sv}: {secs:.1f} s wall, {cpu:.1f} s CPU (value {lp.value:.6f})", flush=True)
         x_lp, lp_value = lp.x, lp.value
     else:
-        t0, c0 = time.perf_counter(), _cpu()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         plan = plan_mapping(w, s, slack=0.1, beta=0.5, solver=solver, milp=None, milp_time_limit=milp_time_limit)
         res["end_to_end_seconds"] = time.perf_counter() - t0
-        res["end_to_end_cpu_seconds"] = _cpu() - c0
+        res["end_to_end_cpu_seconds"] = cpu_seconds() - c0
         res["end_to_end_times"] = plan.times
         res["milp_status_end_to_end"] = plan.milp_status
         p, x_lp, lp_value = plan.problem, plan.x_lp, plan.lp_value
@@ -181,16 +177,16 @@ def run_structured(m: int, n: int, solver: str, milp_time_limit: float, lp_solve
     res["milp_over_lp"] = None if milp_value is None else milp_value / lp_value
     res["lp_fractional_units"] = int(np.sum(np.any((x_lp > 1e-9) & (x_lp < 1 - 1e-9), axis=1)))
     res["compilers"] = {}
-    for name, (a, dt) in _compile_all(p, x_lp, milp).items():
+    for name, (a, dt) in compile_all(p, x_lp, milp).items():
         if a is None:
             continue
-        q = _quality(p, a, lp_value, milp_value)
+        q = quality(p, a, lp_value, milp_value)
         q["seconds"] = dt
         res["compilers"][name] = q
     return res
 
 
-def _fmt(v, spec=".4f"):
+def fmt(v, spec=".4f"):
     return "-" if v is None else format(v, spec)
 
 
@@ -201,8 +197,8 @@ def print_random(r: dict) -> None:
     print(f"  {'compiler':<22} {'rnd/LP':>7} {'min':>6} {'rnd/MILP':>8} {'maxover':>7} {'over#':>5} "
           f"{'feas-left':>9} {'dead#':>5} {'all':>4} {'ms':>7}")
     for name, a in r["compilers"].items():
-        print(f"  {name:<22} {_fmt(a['mean_rounded_over_lp']):>7} {_fmt(a['min_rounded_over_lp'], '.3f'):>6} "
-              f"{_fmt(a['mean_rounded_over_milp']):>8} {a['max_overflow_over_max_load']:>7.3f} "
+        print(f"  {name:<22} {fmt(a['mean_rounded_over_lp']):>7} {fmt(a['min_rounded_over_lp'], '.3f'):>6} "
+              f"{fmt(a['mean_rounded_over_milp']):>8} {a['max_overflow_over_max_load']:>7.3f} "
               f"{a['instances_over_capacity']:>5} {a['milp_feasible_left_over_capacity']:>9} "
               f"{a['instances_with_dead_experts']:>5} {str(a['all_units_assigned']):>4} "
               f"{1e3 * a['mean_seconds']:>7.1f}")
@@ -216,16 +212,15 @@ def print_structured(r: dict) -> None:
                  f"s CPU (LP {t.get('lp', 0):.2f}, MILP {t.get('milp', 0):.2f}, rounding {t.get('rounding', 0):.2f})")
     print(head)
     print(f"  MILP {r['milp_status']}" + (f" in {r['milp_seconds']:.1f} s" if r["milp_seconds"] else "")
-          + f", MILP/LP {_fmt(r['milp_over_lp'])}, LP fractional units {r['lp_fractional_units']}")
+          + f", MILP/LP {fmt(r['milp_over_lp'])}, LP fractional units {r['lp_fractional_units']}")
     for name, q in r["compilers"].items():
-        print(f"  {name:<22} rnd/LP {q['over_lp']:.4f} rnd/MILP {_fmt(q['over_milp'])} max overflow/max load "
+        print(f"  {name:<22} rnd/LP {q['over_lp']:.4f} rnd/MILP {fmt(q['over_milp'])} max overflow/max load "
               f"{q['max_overflow_over_max_load']:.3f} total {q['total_overflow_over_max_load']:.3f} dead "
               f"{q['dead_experts']} all {q['all_assigned']} ({q['seconds']:.2f} s)")
 
 
 def run(args) -> dict:
     """Run every case, print the tables, write JSON to ``args.output``; returns the result dict."""
-    sys.path.insert(0, str(ROOT))
     import gem_d2  # noqa: F401
     from gem_d2.planner.repair import KICK_BUDGET, PENALTY_SCHEDULE
 
@@ -243,26 +238,6 @@ def run(args) -> dict:
         r = run_random(seed, args.instances, args.solver)
         print_random(r)
         result["random"].append(r)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1, default=float)
+    write_json(args.output, result, indent=1, default=float)
     print(f"\nwritten {args.output}")
     return result
-
-
-def _header() -> str:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gem_benchmark", ROOT / "tools" / "benchmark.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.machine_header()
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    ns = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
-    print(_header().replace("tools/benchmark.py ", "tools/bench_planner.py "), flush=True)
-    run(ns)

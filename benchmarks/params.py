@@ -5,17 +5,17 @@
 The reference figure is IDEA-Research/DINO (config/DINO/DINO_4scale.py, 91 classes, one class/box
 head per decoder layer) built on CPU: 47,673,177 parameters (tests/test_dino_model.py).
 """
-import json
-import os
+from benchmarks.common import add_output, write_json
 
 REFERENCE_DINO_4SCALE_R50 = 47_673_177
 
 
 def add_arguments(parser):
-    parser.add_argument("--output", default="output/benchmarks/params.json", help="JSON file to write")
+    add_output(parser, "params")
 
 
-def _count(cfg):
+def count_parameters(cfg):
+    """(all parameters, parameters inside MoE experts) of the model ``cfg`` builds."""
     from detectron2.modeling import build_model
 
     model = build_model(cfg)
@@ -31,12 +31,12 @@ def run(args) -> dict:
     rows = []
     base = model_zoo.get_config("Base-GEM-DINO.yaml")
     base.MODEL.DEVICE, base.MODEL.DINO.NUM_CLASSES = "cpu", 91
-    total, _ = _count(base)
+    total, _ = count_parameters(base)
     rows.append(("DINO-4scale R50, dense, 91 classes (Base-GEM-DINO.yaml)", total, 0))
     gem = model_zoo.get_config("gem_dino_uodb.yaml")
     gem.MODEL.DEVICE = "cpu"  # NUM_CLASSES 0: the UODB label space (195 classes)
     gem.MODEL.GEM.ROUTER, gem.MODEL.GEM.MOE_LAYERS = "topk", list(gem.MODEL.GEM.MOE_LAYERS)  # same experts, no plan
-    total_moe, experts = _count(gem)
+    total_moe, experts = count_parameters(gem)
     rows.append(("GEM-DINO UODB: 195 classes, 8 experts x dec 0/2/4 (gem_dino_uodb)", total_moe, experts))
     print(f"{'model':<62} {'parameters':>12} {'in experts':>12} {'vs reference':>13}")
     for name, n, e in rows:
@@ -44,15 +44,5 @@ def run(args) -> dict:
     print(f"{'reference IDEA-Research/DINO 4-scale R50':<62} {REFERENCE_DINO_4SCALE_R50:>12,}")
     result = {"reference": REFERENCE_DINO_4SCALE_R50, "rows": [dict(model=r[0], params=r[1], expert_params=r[2])
                                                                 for r in rows]}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.output, result)
     return result
-
-
-if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__)
-    add_arguments(p)
-    run(p.parse_args())

@@ -1,25 +1,15 @@
-"""tools/benchmark.py study: the router comparison end to end at --quick size, and its statistics."""
+"""benchmarks.study (``tools/benchmark.py study``): its statistics, and the router comparison end to end at
+--quick size through the dispatcher."""
 import gem_d2  # noqa: F401,I001  (compat shims before detectron2)
 
-import importlib.util
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-study = _load("bench_study")
+from benchmarks import study
+from benchmarks.cli import main
 
 
 def test_mutual_information_hand_computed():
@@ -36,9 +26,9 @@ def test_mutual_information_hand_computed():
 
 
 def test_verdict_words():
-    v = study._verdict((50.0, 1.0), (40.0, 1.0))
+    v = study.verdict((50.0, 1.0), (40.0, 1.0))
     assert v["word"] == "beats" and v["beyond_spread"] and v["difference"] == 10.0
-    v = study._verdict((40.0, 3.0), (41.0, 4.0))
+    v = study.verdict((40.0, 3.0), (41.0, 4.0))
     assert v["word"] == "does not beat" and not v["beyond_spread"] and v["spread"] == pytest.approx(5.0)
     assert v["seeds_compared"] == 0
 
@@ -47,18 +37,18 @@ def test_paired_seed_differences():
     # gem ahead of topk on seeds 0 and 2 only; seed 3 has no topk run and is not compared
     runs = {"gem": [{"seed": s, "avg_ap50": a} for s, a in ((0, 40.0), (1, 30.0), (2, 35.0), (3, 99.0))],
             "topk": [{"seed": s, "avg_ap50": a} for s, a in ((2, 34.0), (0, 38.5), (1, 31.0))]}
-    diffs = study._paired(runs, "topk", lambda x: x["avg_ap50"])
+    diffs = study.paired_differences(runs, "topk", lambda x: x["avg_ap50"])
     assert diffs == pytest.approx([1.5, -1.0, 1.0])
-    v = study._verdict((35.0, 5.0), (34.5, 3.5), diffs)
+    v = study.verdict((35.0, 5.0), (34.5, 3.5), diffs)
     assert (v["seeds_ahead"], v["seeds_compared"]) == (2, 3)
-    assert "ahead on 2/3 seeds" in study._verdict_text(v)
+    assert "ahead on 2/3 seeds" in study.verdict_text(v)
 
 
+@pytest.mark.slow
 def test_study_quick_end_to_end(tmp_path, capsys):
-    bench = _load("benchmark")
     out = tmp_path / "study"
     argv = ["study", "--quick", "--routers", "gem,dense,damex", "--output-dir", str(out)]
-    bench.main(argv)
+    main(argv)
     result = json.loads((out / "study.json").read_text())
     assert result["routers"] == ["gem", "dense", "damex"] and result["seeds"] == [0, 1] and result["quick"]
     assert len(result["runs"]) == 6
@@ -84,7 +74,7 @@ def test_study_quick_end_to_end(tmp_path, capsys):
     assert (out / "study_ap50.png").stat().st_size > 0 and (out / "study_specialisation.png").stat().st_size > 0
     # a second invocation finds every run finished and reproduces the same table without training
     capsys.readouterr()
-    bench.main(argv)
+    main(argv)
     printed = capsys.readouterr().out
     assert "training 2 iterations" not in printed and printed.count("finished earlier") == 6
     again = json.loads((out / "study.json").read_text())
@@ -93,6 +83,5 @@ def test_study_quick_end_to_end(tmp_path, capsys):
 
 
 def test_study_rejects_unknown_router(tmp_path):
-    bench = _load("benchmark")
     with pytest.raises(SystemExit, match="unknown"):
-        bench.main(["study", "--quick", "--routers", "gem,bogus", "--output-dir", str(tmp_path)])
+        main(["study", "--quick", "--routers", "gem,bogus", "--output-dir", str(tmp_path)])

@@ -1,7 +1,6 @@
 """step: training step time and peak memory of one model under each MoE router, at equal active parameters.
 
     python tools/benchmark.py step [--repeats 8] [--warmup 2] [--device cpu] [--amp] [KEY VALUE ...]
-    python tools/bench_step.py ...            # same, standalone
 
 The model is ``--config-file`` (default configs/gem_dino_synth_demo.yaml: the small DINO, ResNet-18,
 hidden 128, 3+3 layers, MoE FFNs in decoder layers 0 and 2 with 4 experts) on the generated synth
@@ -59,45 +58,50 @@ current RSS through ``/proc/self/clear_refs`` so build-time transients do not co
 not possible the increase is over the whole process life). It covers gradients, optimizer state and
 the step's activations. A subprocess per router, because a process's peak RSS only ever grows and
 freed memory stays with the allocator. On CUDA: ``torch.cuda.max_memory_allocated`` (reset after
-building) in the same way. ``--memory-jobs 0`` skips the memory columns.
+building) in the same way. ``--memory-jobs 0`` skips the memory columns. (The subprocesses are in
+:mod:`benchmarks.step_memory`.)
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.common import (
+    add_config_opts,
+    add_model_arguments,
+    add_output,
+    add_threads,
+    autocast_dtype,
+    device_name,
+    fixed_gem_mapping,
+    load_average,
+    set_threads,
+    timed,
+    write_json,
+)
+
 ROUTERS = ("dense", "dense-moe", "gem", "topk", "softmoe", "remoe", "moepp", "damex")
 BASE = "dense"
-PROBE_MARK = "BENCH_STEP_PROBE "
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config-file", default="configs/gem_dino_synth_demo.yaml")
-    parser.add_argument("--device", default="", help="torch device (default: the config's MODEL.DEVICE)")
+    add_model_arguments(parser)
     parser.add_argument("--routers", nargs="+", choices=ROUTERS, default=list(ROUTERS),
                         help=f"rows to measure; {BASE!r} (the ratio base) is always included")
     parser.add_argument("--repeats", type=int, default=8, help="timed rounds (one step of every router each)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per router before the rounds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only; SOLVER.AMP.DTYPE)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch.set_num_threads (default 1: see the module docstring; 0 = torch's default)")
+    add_threads(parser)
     parser.add_argument("--memory-steps", type=int, default=2, help="steps per memory subprocess (>= 2)")
     parser.add_argument("--memory-jobs", type=int, default=2,
                         help="memory subprocesses at a time (they are not timed); 0 = no memory measurement")
-    parser.add_argument("--output", default="output/benchmarks/step.json")
+    add_output(parser, "step")
     parser.add_argument("--probe-spec", default="", help=argparse.SUPPRESS)  # internal: memory subprocess
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
-                        help="config overrides KEY VALUE ... (e.g. SOLVER.IMS_PER_BATCH 2)")
+    add_config_opts(parser, "SOLVER.IMS_PER_BATCH 2")
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -117,10 +121,7 @@ def base_cfg(config_file: str, opts, device: str, seed: int):
         raise ValueError(f"{config_file}: MODEL.GEM.MOE_LAYERS is empty; the routers need MoE layers to differ")
     g.EXPERTS_PER_UNIT = 1
     if not g.MAPPING or any(len(row) != 1 for row in g.MAPPING):
-        # a fixed valid mapping instead of running the planner: dataset i -> expert i % E
-        g.UNITS = list(cfg.DATASETS.TRAIN)
-        g.MAPPING = [[i % int(g.NUM_EXPERTS)] for i in range(len(cfg.DATASETS.TRAIN))]
-        g.MAPPING_WEIGHTS = []
+        fixed_gem_mapping(cfg)  # dataset i -> expert i % E instead of running the planner
     return cfg
 
 
@@ -262,131 +263,20 @@ def ffn_evals_per_token(model, batch) -> float:
     return counts["rows"] / max(counts["tokens"], 1)
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _amp_dtype(cfg, amp: bool):
-    if not amp:
-        return None
-    from gem_d2.engine import amp_dtype
-
-    c = cfg.clone()
-    c.SOLVER.AMP.ENABLED = True
-    return amp_dtype(c)  # raises a clear error on CPU
-
-
-# ---------------------------------------------------------------------------------------------- memory
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def run_probe(spec_path: str) -> dict:
-    """Inside a memory subprocess: build one row's model, run steps, print and return the peak memory."""
-    import resource
-
-    import torch
-
-    import gem_d2  # noqa: F401
-    from gem_d2.engine.setup import prepare_datasets
-
-    spec = json.loads(Path(spec_path).read_text())
-    if spec["threads"] > 0:
-        torch.set_num_threads(spec["threads"])
-    cfg = base_cfg(spec["config_file"], spec["opts"], spec["device"], spec["seed"])
-    prepare_datasets(cfg)
-    device = torch.device(cfg.MODEL.DEVICE)
-    batch = torch.load(spec["batch_file"], weights_only=False)
-    # the same history in every probe (the dense reference built, copied from and freed), so the
-    # allocator starts each router's steps from the same state
-    reference, _ = build_router_model(cfg, BASE, spec["seed"])
-    model, optimizer = build_router_model(cfg, spec["router"], spec["seed"], reference)
-    del reference
-    step = make_step(model, optimizer, batch, device, _amp_dtype(cfg, spec["amp"]))
-    out = {"router": spec["router"], "steps": spec["steps"]}
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        for i in range(spec["steps"]):
-            torch.manual_seed(spec["seed"] + i)
-            step()
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        out.update(method="torch.cuda.max_memory_allocated", peak_mib=peak / 2**20,
-                   step_mib=(peak - before) / 2**20, after_build_mib=before / 2**20)
-    else:
-        import gc
-
-        gc.collect()
-        reset = _reset_peak_rss()
-        before = _rss_kib("VmRSS")
-        for i in range(spec["steps"]):
-            torch.manual_seed(spec["seed"] + i)
-            step()
-        peak = _rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out.update(method="VmHWM after clear_refs reset" if reset else "ru_maxrss (whole process life)",
-                   peak_mib=peak / 1024, step_mib=(peak - before) / 1024, after_build_mib=before / 1024,
-                   process_peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    print(PROBE_MARK + json.dumps(out), flush=True)
-    return out
-
-
-def measure_memory(args, routers, batch_file: str, device: str) -> dict:
-    """Peak memory per router, one fresh subprocess each (``--memory-jobs`` at a time)."""
-    tmp = Path(batch_file).parent
-
-    def one(router: str) -> dict:
-        spec = {"router": router, "config_file": args.config_file, "opts": list(args.opts), "device": device,
-                "seed": args.seed, "amp": args.amp, "threads": args.threads, "batch_file": batch_file,
-                "steps": max(2, args.memory_steps)}
-        path = tmp / f"probe_{router}.json"
-        path.write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--probe-spec", str(path)],
-                              capture_output=True, text=True, cwd=os.getcwd())
-        for line in proc.stdout.splitlines():
-            if line.startswith(PROBE_MARK):
-                return json.loads(line[len(PROBE_MARK):])
-        raise RuntimeError(f"memory subprocess for {router!r} failed (exit {proc.returncode}):\n"
-                           f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-
-    with ThreadPoolExecutor(max_workers=max(1, args.memory_jobs)) as pool:
-        return dict(zip(routers, pool.map(one, routers)))
-
-
 # ---------------------------------------------------------------------------------------------- run
 
 
-def _batch_summary(batch) -> list:
+def batch_summary(batch) -> list:
     return [{"dataset": x.get("dataset_name"), "dataset_id": int(x["dataset_id"]), "hw": list(x["image"].shape[1:]),
              "boxes": len(x["instances"])} for x in batch]
 
 
 def run(args) -> dict:
     """Run the benchmark (or, with ``--probe-spec``, one memory probe in this subprocess)."""
+    from benchmarks.step_memory import measure_memory, run_probe
+
     if args.probe_spec:
         return run_probe(args.probe_spec)
-    import platform
-
     import torch
 
     import gem_d2  # noqa: F401  (shims and registrations before detectron2)
@@ -396,15 +286,14 @@ def run(args) -> dict:
     # isort: split
     from detectron2.utils.env import seed_all_rng
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError("--repeats must be >= 1 and --warmup >= 0")
     routers = [BASE] + [r for r in ROUTERS if r in args.routers and r != BASE]
     cfg = base_cfg(args.config_file, args.opts, args.device, args.seed)
     prepare_datasets(cfg)
     device = torch.device(cfg.MODEL.DEVICE)
-    amp = _amp_dtype(cfg, args.amp)
+    amp = autocast_dtype(cfg, args.amp)  # a clear error off CUDA
     t0 = time.perf_counter()
     seed_all_rng(args.seed)  # the mapper's augmentation draws from numpy's and Python's global generators
     batch = next(iter(build_gem_train_loader(cfg)))  # one real batch, reused by every router and step
@@ -436,12 +325,9 @@ def run(args) -> dict:
         shift = rep % len(routers)
         for r in routers[shift:] + routers[:shift]:  # round-robin, rotating the first router
             torch.manual_seed(args.seed + args.warmup + rep)
-            _sync(device)
-            w0, c0 = time.perf_counter(), time.process_time()
-            loss = steps[r]()
-            _sync(device)
-            wall[r].append((time.perf_counter() - w0) * 1e3)
-            cpu[r].append((time.process_time() - c0) * 1e3)
+            loss, w, c = timed(steps[r], device)
+            wall[r].append(w)
+            cpu[r].append(c)
             losses[r].append(float(loss))
         print(f"round {rep + 1}/{args.repeats}: " + ", ".join(f"{r} {wall[r][-1]:.0f}" for r in routers) + " ms",
               flush=True)
@@ -493,34 +379,20 @@ def run(args) -> dict:
         print(f"gem / dense step time: {gem['ratio']:.3f} wall, {gem['cpu_ratio']:.3f} CPU, "
               f"{gem['paired_ratio']:.3f} paired (target <= 1.05: {verdict})")
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report = {
         "benchmark": "step", "config_file": args.config_file, "opts": list(args.opts),
-        "device": str(device), "device_name": device_name, "amp": str(amp) if amp else None,
+        "device": str(device), "device_name": device_name(device), "amp": str(amp) if amp else None,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed, "statistic": "median",
         "schedule": "round-robin over routers per repeat, first router rotating",
         "base": BASE, "num_experts": int(cfg.MODEL.GEM.NUM_EXPERTS), "moe_layers": list(cfg.MODEL.GEM.MOE_LAYERS),
         "units": list(cfg.MODEL.GEM.UNITS), "mapping": [list(m) for m in cfg.MODEL.GEM.MAPPING],
-        "batch": _batch_summary(batch),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "batch": batch_summary(batch),
+        "load_average": load_average(),
         "gem_ratio": gem["ratio"] if gem else None, "gem_target": 1.05,
         "rows": rows,
     }
     if args.output:
-        from gem_d2.utils.files import atomic_write
-
-        atomic_write(args.output, lambda f: json.dump(report, f, indent=2), binary=False)
+        write_json(args.output, report)
         print(f"wrote {args.output}")
     return report
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
-    main()

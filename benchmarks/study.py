@@ -31,30 +31,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.common import DEMO_CONFIG, QUICK_TRAIN_OPTS, REPO, run_logged, write_json, write_text
+
+ROOT = str(REPO)
 ROUTERS = ("dense", "gem", "topk", "softmoe", "remoe", "moepp", "damex")
-CONFIG = os.path.join(ROOT, "configs", "gem_dino_synth_demo.yaml")
+CONFIG = os.path.join(ROOT, DEMO_CONFIG)
 RARE = "synth_medical_test"
 RESULT_FILE = "run_result.json"
-
-# --quick: the tiny model and data of tests/test_train_net.py, so the whole study runs in about a minute
-QUICK_OPTS = [
-    "DATASETS.SYNTH.IMAGES_PER_DOMAIN", "6", "DATASETS.SYNTH.TEST_IMAGES_PER_DOMAIN", "2",
-    "DATASETS.SYNTH.IMAGE_SIZE", "96",
-    "MODEL.DINO.HIDDEN_DIM", "32", "MODEL.DINO.DIM_FEEDFORWARD", "64", "MODEL.DINO.NHEADS", "4",
-    "MODEL.DINO.ENC_LAYERS", "1", "MODEL.DINO.DEC_LAYERS", "1", "MODEL.DINO.NUM_QUERIES", "12",
-    "MODEL.DINO.DN_NUMBER", "8", "MODEL.DINO.NUM_SELECT", "20", "MODEL.GEM.MOE_LAYERS", "['decoder.0']",
-    "MODEL.GEM.PLANNER.SAMPLES_PER_UNIT", "2", "MODEL.GEM.PLANNER.IMAGE_SIZE", "64",
-    "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "96",
-    "INPUT.MAX_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "2",
-]
 
 
 def add_arguments(parser):
@@ -94,7 +83,7 @@ def run_opts(router: str, seed: int, iters: int, out_dir: str, quick_root: Optio
             "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({int(round(0.9 * iters))},)" if iters >= 10 else "()",
             "SOLVER.CHECKPOINT_PERIOD", str(max(1, iters // 2)), "TEST.EVAL_PERIOD", "0"]
     if quick_root is not None:
-        opts += QUICK_OPTS + ["DATASETS.SYNTH.ROOT", quick_root]
+        opts += QUICK_TRAIN_OPTS + ["DATASETS.SYNTH.ROOT", quick_root]
     else:
         opts += ["INPUT.MIN_SIZE_TRAIN", f"({image_size},)", "INPUT.MAX_SIZE_TRAIN", str(image_size),
                  "INPUT.MIN_SIZE_TEST", str(image_size), "INPUT.MAX_SIZE_TEST", str(image_size)]
@@ -152,19 +141,10 @@ def train_one(router: str, seed: int, args, quick_root: Optional[str]) -> dict:
     cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--resume", "--config-file",
            args.config_file, *run_opts(router, seed, args.iters, out_dir, quick_root, args.image_size), *args.opts]
     t0 = time.time()
-    log = os.path.join(out_dir, "study_stdout.log")
-    with open(log, "a") as f:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
-        with open(log) as f:
-            tail = f.read()[-3000:]
-        raise RuntimeError(f"study run {router}/seed{seed} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    run_logged(cmd, os.path.join(out_dir, "study_stdout.log"), f"study run {router}/seed{seed}")
     result = collect_run(out_dir)
     result.update(router=router, seed=seed, iters=args.iters, seconds=time.time() - t0, command=cmd)
-    from gem_d2.utils.files import atomic_write
-
-    atomic_write(done, lambda f: json.dump(result, f, indent=1), binary=False)
+    write_json(done, result, indent=1)
     return result
 
 
@@ -195,24 +175,24 @@ def summarize(runs: List[dict], routers: List[str], seeds: List[int]) -> dict:
             if r == "gem":
                 continue
             b = summary[r]
-            row = {"baseline": r, "avg": _verdict(g["avg_ap50"], b["avg_ap50"],
-                                                  _paired(by_router, r, lambda x: x["avg_ap50"]))}
+            row = {"baseline": r, "avg": verdict(g["avg_ap50"], b["avg_ap50"],
+                                                 paired_differences(by_router, r, lambda x: x["avg_ap50"]))}
             if rare:
-                row["rare"] = _verdict(g["ap50"][rare], b["ap50"][rare],
-                                       _paired(by_router, r, lambda x: x["ap50"][rare]))
+                row["rare"] = verdict(g["ap50"][rare], b["ap50"][rare],
+                                      paired_differences(by_router, r, lambda x: x["ap50"][rare]))
             verdicts.append(row)
     return {"domains": domains, "layers": layers, "routers": routers, "seeds": seeds, "summary": summary,
             "verdicts": verdicts}
 
 
-def _paired(by_router: Dict[str, List[dict]], baseline: str, metric) -> List[float]:
+def paired_differences(by_router: Dict[str, List[dict]], baseline: str, metric) -> List[float]:
     """Per-seed differences GEM - baseline of ``metric(run)``, over the seeds both have."""
     gem = {x["seed"]: metric(x) for x in by_router["gem"]}
     base = {x["seed"]: metric(x) for x in by_router[baseline]}
     return [gem[s] - base[s] for s in sorted(gem) if s in base]
 
 
-def _verdict(gem, base, paired: Optional[List[float]] = None) -> dict:
+def verdict(gem, base, paired: Optional[List[float]] = None) -> dict:
     """GEM vs a baseline on one metric: ``gem``/``base`` are (mean, std) over seeds, ``paired`` the
     per-seed differences GEM - baseline. Returns the word (beats / ties / does not beat), whether the
     difference exceeds the seeds' combined spread, and on how many seeds GEM is ahead."""
@@ -225,7 +205,8 @@ def _verdict(gem, base, paired: Optional[List[float]] = None) -> dict:
             "seeds_compared": len(paired)}
 
 
-def _ms(x) -> str:
+def pm(x) -> str:
+    """``(mean, std)`` as "mean ± std" with one decimal."""
     return f"{x[0]:.1f} ± {x[1]:.1f}"
 
 
@@ -240,30 +221,30 @@ def markdown(study: dict, header: str) -> str:
         s = study["summary"][r]
         mi = [(f"{s['mi_bits'][layer][0]:.2f} ± {s['mi_bits'][layer][1]:.2f}" if layer in s["mi_bits"] else "—")
               for layer in layers]
-        rare = _ms(s["ap"][RARE]) if RARE in s["ap"] else "—"
-        lines.append(f"| {r} | " + " | ".join(_ms(s["ap50"][d]) for d in domains)
-                     + f" | **{_ms(s['avg_ap50'])}** | {_ms(s['avg_ap'])} | {rare} | " + " | ".join(mi)
+        rare = pm(s["ap"][RARE]) if RARE in s["ap"] else "—"
+        lines.append(f"| {r} | " + " | ".join(pm(s["ap50"][d]) for d in domains)
+                     + f" | **{pm(s['avg_ap50'])}** | {pm(s['avg_ap'])} | {rare} | " + " | ".join(mi)
                      + f" | {s['minutes'][0]:.1f} |")
     lines += ["", "Per-domain COCO AP, mean ± std:", "", "| router | " + " | ".join(short) + " |",
               "|---" * (len(domains) + 1) + "|"]
     for r in study["routers"]:
         s = study["summary"][r]
-        lines.append(f"| {r} | " + " | ".join(_ms(s["ap"][d]) for d in domains) + " |")
+        lines.append(f"| {r} | " + " | ".join(pm(s["ap"][d]) for d in domains) + " |")
     if study["verdicts"]:
         lines += ["", "GEM against each baseline (AP50; 'beyond the spread' = |difference| > the seeds' "
                   "std of the two combined):", ""]
         for v in study["verdicts"]:
-            text = f"- vs **{v['baseline']}**: average {_verdict_text(v['avg'])}"
+            text = f"- vs **{v['baseline']}**: average {verdict_text(v['avg'])}"
             if "rare" in v:
-                text += f"; rare domain {_verdict_text(v['rare'])}"
+                text += f"; rare domain {verdict_text(v['rare'])}"
             lines.append(text)
     return "\n".join(lines) + "\n"
 
 
-def _verdict_text(v) -> str:
+def verdict_text(v) -> str:
     where = "beyond the spread" if v["beyond_spread"] else "within the spread"
     seeds = f", ahead on {v['seeds_ahead']}/{v['seeds_compared']} seeds" if v.get("seeds_compared") else ""
-    return f"GEM {v['word']} it ({_ms(v['gem'])} vs {_ms(v['baseline'])}, {v['difference']:+.1f}, {where}{seeds})"
+    return f"GEM {v['word']} it ({pm(v['gem'])} vs {pm(v['baseline'])}, {v['difference']:+.1f}, {where}{seeds})"
 
 
 def plot(study: dict, runs: List[dict], output_dir: str) -> List[str]:
@@ -313,7 +294,7 @@ def plot(study: dict, runs: List[dict], output_dir: str) -> List[str]:
                              fontsize=8)
                 ax.set_yticks(range(share.shape[0]))
                 ax.set_yticklabels([d.replace("synth_", "").replace("_train", "") for d in
-                                    _train_names(runs, r, share.shape[0])], fontsize=7)
+                                    train_names(runs, r, share.shape[0])], fontsize=7)
                 ax.set_xticks(range(share.shape[1]))
                 ax.set_xlabel("expert", fontsize=7)
         fig.tight_layout()
@@ -324,7 +305,7 @@ def plot(study: dict, runs: List[dict], output_dir: str) -> List[str]:
     return paths
 
 
-def _train_names(runs, router, rows) -> List[str]:
+def train_names(runs, router, rows) -> List[str]:
     names = [d.replace("_test", "_train") for d in runs[0]["ap50"]]
     return names[:rows] + [f"dataset{i}" for i in range(len(names), rows)]
 
@@ -367,17 +348,7 @@ def run(args) -> dict:
     figures = plot(study, runs, args.output_dir)
     study["figures"] = figures
     study["runs"] = [{k: v for k, v in x.items() if k != "routing_counts"} for x in runs]
-    from gem_d2.utils.files import atomic_write
-
-    for name, content in (("study.md", text), ("study.json", json.dumps(study, indent=1))):
-        atomic_write(os.path.join(args.output_dir, name), lambda f, c=content: f.write(c), binary=False)
+    write_text(os.path.join(args.output_dir, "study.md"), text)
+    write_json(os.path.join(args.output_dir, "study.json"), study, indent=1)
     print(f"written: {args.output_dir}/study.md, study.json, " + ", ".join(os.path.basename(p) for p in figures))
     return study
-
-
-if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__)
-    add_arguments(p)
-    run(p.parse_args())

@@ -10,18 +10,15 @@ queries) at DINO-4scale sizes (batch 2, 800x1066 image -> levels 100x134, 50x67,
 training does; ``--dtype`` instead casts everything.
 
     python tools/benchmark.py msda [--sizes small dino4scale] [--device cpu] [--repeats 5] [--amp float16]
-    python tools/bench_msda.py ...            # same, standalone
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
-import sys
-import time
-from pathlib import Path
+
+from benchmarks.common import add_output, add_threads, device_name, load_average, set_threads, timed, write_json
 
 SIZES = {
     # name: (batch, image H, W, decoder queries)
@@ -41,12 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="autocast dtype (CUDA only; empty = no autocast)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave as is)")
+    add_threads(parser, default=0, help="torch.set_num_threads (0 = leave as is)")
     parser.add_argument("--levels", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--points", type=int, default=4)
-    parser.add_argument("--output", default="output/benchmarks/msda.json")
+    add_output(parser, "msda")
 
 
 def level_shapes(height: int, width: int, levels: int) -> list:
@@ -58,30 +55,20 @@ def level_shapes(height: int, width: int, levels: int) -> list:
     return shapes
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn, device, repeats: int, warmup: int) -> dict:
+def time_calls(fn, device, repeats: int, warmup: int) -> dict:
     """Median wall time and median process CPU time (all threads; robust to a shared, busy machine)."""
     for _ in range(warmup):
         fn()
-    _sync(device)
     wall, cpu = [], []
     for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        _sync(device)
-        wall.append((time.perf_counter() - w0) * 1e3)
-        cpu.append((time.process_time() - c0) * 1e3)
+        _, w, c = timed(fn, device)
+        wall.append(w)
+        cpu.append(c)
     return {"median_ms": statistics.median(wall), "min_ms": min(wall), "max_ms": max(wall),
             "cpu_median_ms": statistics.median(cpu), "repeats": repeats}
 
 
-def _case(args, size: str, attn: str, target: str) -> dict:
+def measure_case(args, size: str, attn: str, target: str) -> dict:
     import torch
 
     from gem_d2.layers.ms_deform_attn import MSDeformAttn, ms_deform_attn_core
@@ -144,8 +131,8 @@ def _case(args, size: str, attn: str, target: str) -> dict:
         with autocast():
             forward_backward()
 
-    fwd = _time(forward_no_grad, device, args.repeats, args.warmup)
-    fwd_bwd = _time(forward_backward_amp, device, args.repeats, args.warmup)
+    fwd = time_calls(forward_no_grad, device, args.repeats, args.warmup)
+    fwd_bwd = time_calls(forward_backward_amp, device, args.repeats, args.warmup)
     return {"size": size, "attn": attn, "target": target, "batch": batch, "image": [height, width],
             "levels": shapes, "tokens": s, "queries": lq, "heads": m, "head_dim": d, "points": p,
             "forward_ms": fwd["median_ms"], "forward_backward_ms": fwd_bwd["median_ms"],
@@ -154,12 +141,9 @@ def _case(args, size: str, attn: str, target: str) -> dict:
 
 
 def run(args) -> dict:
-    import platform
-
     import torch
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = torch.device(args.device)
     if args.amp and device.type != "cuda":
         raise ValueError(f"msda: --amp {args.amp} needs a CUDA --device, got {args.device!r} "
@@ -174,35 +158,21 @@ def run(args) -> dict:
     for size in args.sizes:
         for attn in args.attn:
             for target in args.targets:
-                r = _case(args, size, attn, target)
+                r = measure_case(args, size, attn, target)
                 results.append(r)
                 print(f"{size:<11} {attn:<8} {target:<7} {r['tokens']:>7} {r['queries']:>7} "
                       f"{r['forward_ms']:>9.1f} {r['forward_backward_ms']:>11.1f} {r['forward_cpu_ms']:>11.1f} "
                       f"{r['forward_backward_cpu_ms']:>11.1f}", flush=True)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report = {
         "benchmark": "msda",
         "implementation": "pytorch (grid_sample)",
-        "device": str(device), "device_name": device_name, "dtype": args.dtype, "amp": args.amp or None,
+        "device": str(device), "device_name": device_name(device), "dtype": args.dtype, "amp": args.amp or None,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average": load_average(),
         "results": results,
     }
     if args.output:
-        from gem_d2.utils.files import atomic_write
-
-        atomic_write(args.output, lambda f: json.dump(report, f, indent=2), binary=False)
+        write_json(args.output, report)
         print(f"wrote {args.output}")
     return report
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    main()

@@ -15,23 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import List
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "gem_dino_synth_demo.yaml")
+from benchmarks.common import DEMO_CONFIG, QUICK_TRAIN_OPTS, REPO, run_logged, write_json, write_text
+
+ROOT = str(REPO)
+CONFIG = os.path.join(ROOT, DEMO_CONFIG)
 DOMAINS = ("photo", "cartoon", "medical", "aerial", "sketch")
-QUICK_OPTS = [
-    "DATASETS.SYNTH.IMAGES_PER_DOMAIN", "6", "DATASETS.SYNTH.TEST_IMAGES_PER_DOMAIN", "2",
-    "DATASETS.SYNTH.IMAGE_SIZE", "96", "MODEL.DINO.HIDDEN_DIM", "32", "MODEL.DINO.DIM_FEEDFORWARD", "64",
-    "MODEL.DINO.NHEADS", "4", "MODEL.DINO.ENC_LAYERS", "1", "MODEL.DINO.DEC_LAYERS", "1",
-    "MODEL.DINO.NUM_QUERIES", "12", "MODEL.DINO.DN_NUMBER", "8", "MODEL.DINO.NUM_SELECT", "20",
-    "MODEL.GEM.MOE_LAYERS", "['decoder.0']", "MODEL.GEM.PLANNER.SAMPLES_PER_UNIT", "2",
-    "MODEL.GEM.PLANNER.IMAGE_SIZE", "64", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96",
-    "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "2",
-]
 
 
 def add_arguments(parser):
@@ -47,14 +39,9 @@ def add_arguments(parser):
     parser.add_argument("opts", nargs="*", default=[], help="extra KEY VALUE overrides for every run")
 
 
-def _run(cmd: List[str], log: str) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    with open(log, "a") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
-        with open(log) as f:
-            tail = f.read()[-3000:]
-        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {proc.returncode}); log {log}:\n{tail}")
+def run_tool(cmd: List[str], log: str) -> None:
+    """Run one tools/ script in its own process (see :func:`benchmarks.common.run_logged`)."""
+    run_logged(cmd, log, f"{' '.join(cmd[:3])} ...")
 
 
 def run(args) -> dict:
@@ -67,7 +54,7 @@ def run(args) -> dict:
             args.output_dir = "output/adapt_study_quick"
     out = os.path.abspath(args.output_dir)
     os.makedirs(out, exist_ok=True)
-    common = list(QUICK_OPTS) + ["DATASETS.SYNTH.ROOT", os.path.join(out, "synth")] if args.quick else []
+    common = list(QUICK_TRAIN_OPTS) + ["DATASETS.SYNTH.ROOT", os.path.join(out, "synth")] if args.quick else []
     common += list(args.opts)
     keep = [d for d in DOMAINS if d != args.holdout]
     train = "(" + ",".join(f"'synth_{d}_train'" for d in keep) + ",)"
@@ -79,25 +66,27 @@ def run(args) -> dict:
         if not os.path.isfile(os.path.join(base, "model_final.pth")):
             print(f"[adapt] training {router} on {keep} for {args.iters} iterations ...", flush=True)
             os.makedirs(base, exist_ok=True)
-            _run([sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--resume", "--config-file", CONFIG,
-                  *common, "OUTPUT_DIR", base, "MODEL.GEM.ROUTER", router, "MODEL.GEM.NUM_EXPERTS", str(len(keep)),
-                  "DATASETS.TRAIN", train, "DATASETS.TEST", test, "SOLVER.MAX_ITER", str(args.iters),
-                  "SOLVER.STEPS", f"({int(0.9 * args.iters)},)" if args.iters >= 10 else "()",
-                  "SOLVER.CHECKPOINT_PERIOD", str(args.iters), "TEST.EVAL_PERIOD", "0", "SEED", "0"],
-                 os.path.join(base, "study_stdout.log"))
+            run_tool([sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--resume",
+                      "--config-file", CONFIG, *common, "OUTPUT_DIR", base, "MODEL.GEM.ROUTER", router,
+                      "MODEL.GEM.NUM_EXPERTS", str(len(keep)), "DATASETS.TRAIN", train, "DATASETS.TEST", test,
+                      "SOLVER.MAX_ITER", str(args.iters),
+                      "SOLVER.STEPS", f"({int(0.9 * args.iters)},)" if args.iters >= 10 else "()",
+                      "SOLVER.CHECKPOINT_PERIOD", str(args.iters), "TEST.EVAL_PERIOD", "0", "SEED", "0"],
+                     os.path.join(base, "study_stdout.log"))
         for k in shots:
             adapted = os.path.join(out, f"{router}_{k}shot")
             result_file = os.path.join(adapted, "adapt_result.json")
             if not os.path.isfile(result_file):
                 print(f"[adapt] {router}: {k}-shot adaptation to {args.holdout} ...", flush=True)
                 os.makedirs(adapted, exist_ok=True)
-                _run([sys.executable, os.path.join(ROOT, "tools", "adapt.py"), "--config-file",
-                      os.path.join(base, "config.yaml"), "--weights", os.path.join(base, "model_final.pth"),
-                      "--new-dataset", f"synth_{args.holdout}_train", "--new-test", f"synth_{args.holdout}_test",
-                      "--shots", str(k), "--output-dir", adapted, *common,
-                      "MODEL.GEM.ADAPT.MAX_ITER", str(args.adapt_iters), "MODEL.GEM.ADAPT.BASE_LR", str(args.adapt_lr),
-                      "MODEL.GEM.ADAPT.NEW_EXPERTS", str(args.new_experts if router == "gem" else 0)],
-                     os.path.join(adapted, "study_stdout.log"))
+                run_tool([sys.executable, os.path.join(ROOT, "tools", "adapt.py"), "--config-file",
+                          os.path.join(base, "config.yaml"), "--weights", os.path.join(base, "model_final.pth"),
+                          "--new-dataset", f"synth_{args.holdout}_train", "--new-test", f"synth_{args.holdout}_test",
+                          "--shots", str(k), "--output-dir", adapted, *common,
+                          "MODEL.GEM.ADAPT.MAX_ITER", str(args.adapt_iters),
+                          "MODEL.GEM.ADAPT.BASE_LR", str(args.adapt_lr),
+                          "MODEL.GEM.ADAPT.NEW_EXPERTS", str(args.new_experts if router == "gem" else 0)],
+                         os.path.join(adapted, "study_stdout.log"))
             with open(result_file) as f:
                 r = json.load(f)
             old = {d: (r["before"][d]["AP50"], r["after"][d]["AP50"]) for d in r["old_test"]}
@@ -111,10 +100,8 @@ def run(args) -> dict:
               "quick": bool(args.quick), "rows": rows, "minutes": (time.time() - t0) / 60}
     text = markdown(report)
     print(text)
-    from gem_d2.utils.files import atomic_write
-
-    atomic_write(os.path.join(out, "adapt_report.md"), lambda f: f.write(text), binary=False)
-    atomic_write(os.path.join(out, "adapt_report.json"), lambda f: json.dump(report, f, indent=1), binary=False)
+    write_text(os.path.join(out, "adapt_report.md"), text)
+    write_json(os.path.join(out, "adapt_report.json"), report, indent=1)
     plot(report, os.path.join(out, "adapt_report.png"))
     print(f"written: {out}/adapt_report.md, adapt_report.json, adapt_report.png")
     return report
