@@ -3,10 +3,11 @@
 The clones get this checkout's tools/bootstrap.py and requirements/, so their environment name (a hash of the pins
 and the bootstrap's environment recipe) is the one this checkout's set-up already built: no package is installed.
 """
-import importlib.util
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,11 @@ def _cache() -> Path:
 
 
 def _env_dir() -> Path:
-    """The shared environment this checkout's tools/bootstrap.py names (computed by its own env_key)."""
-    spec = importlib.util.spec_from_file_location("gem_d2_bootstrap_under_test", ROOT / "tools" / "bootstrap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return _cache() / f"env-{module.env_key()}"
+    """The shared environment this checkout's tools/bootstrap.py names (from its "environment ready" line)."""
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "bootstrap.py")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return Path(re.search(r"environment ready: .* \+ (\S+) \(", out.stdout + out.stderr).group(1))
 
 
 def _run(cmd, cwd, timeout=120):

@@ -13,13 +13,11 @@ import pytest
 from gem_d2.engine import run_lock
 from gem_d2.engine.run_lock import LOCK_FILE_NAME, OutputDirLock, OutputDirLockedError, read_lock_holder
 
-# The child loads run_lock.py on its own (stdlib only), so it starts in a fraction of a second.
+# The child takes the lock through the package (importing gem_d2 takes a few seconds; WAIT_S covers it).
 CHILD = r"""
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("run_lock_child", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-lock = module.OutputDirLock(sys.argv[2], command=["train_net.py", "--tag", "child-run"])
+import sys
+from gem_d2.engine.run_lock import OutputDirLock
+lock = OutputDirLock(sys.argv[2], command=["train_net.py", "--tag", "child-run"])
 lock.acquire()
 print("locked", flush=True)
 sys.stdin.read()  # hold the lock until the parent closes stdin

@@ -1,7 +1,6 @@
 """tools/prepare_uodb.py and gem_d2.prepare: tiny fixtures in each original format, written here, are
 converted and read back through the registered ``uodb_*`` datasets; malformed sources, interruption,
 re-runs and ``--check`` are exercised on them."""
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -14,6 +13,7 @@ from PIL import Image
 from gem_d2 import prepare as prep
 from gem_d2.data.uodb import COCO_CLASSES, VOC_CLASSES, register_uodb
 from gem_d2.prepare import SourceFormatError
+from gem_d2.prepare import cli as prepare_cli
 from gem_d2.prepare.deeplesion import window_to_uint8
 from gem_d2.prepare.dota import clip_polygon, patch_starts, polygon_area
 from gem_d2.prepare.lisa import lisa_class
@@ -458,10 +458,7 @@ def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("prepare_uodb", ROOT / "tools" / "prepare_uodb.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return prepare_cli
 
 
 def test_cli_convert_then_check_finds_planted_problems(tmp_path, capsys):
