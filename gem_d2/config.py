@@ -128,7 +128,6 @@ def _add_solver_test(cfg: CN) -> None:
     cfg.SOLVER.WEIGHT_DECAY_BIAS = 0.0  # gem_d2 default: no decay on biases (None = WEIGHT_DECAY, as in d2)
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # decay of embeddings (nn.Embedding tables, *_embed params)
     cfg.SOLVER.AMP.DTYPE = "float16"  # float16 | bfloat16 when SOLVER.AMP.ENABLED (CUDA only)
-    cfg.TEST.UODB_PROTOCOL = True  # per-dataset VOC07 11-point AP50 + COCO AP table
     cfg.TEST.UODB_COCO_AP = True  # also COCO AP/AP50/AP75 via pycocotools (~90% of evaluation time); False = NaN
 
 
