@@ -15,7 +15,7 @@ Two routings, the same model and weights:
 - ``auto``: ``MODEL.GEM.TEST_ROUTING auto``, the model's linear dataset classifier on the backbone's
   pooled mean/std features picks the dataset (gem_d2.modeling.auto_routing). The classifier is the
   checkpoint's when it carries one, else fitted at start-up by
-  ``gem_d2.engine.fit_dataset_classifier`` on ``--prototype-images`` training images per dataset
+  ``gem_d2.engine.fit_dataset_classifier`` on ``--classifier-images`` training images per dataset
   (default ``MODEL.GEM.PLANNER.SAMPLES_PER_UNIT``: 16 in the demo config) with the (random-init)
   model, as GemTrainer does before evaluating; that start-up time is reported, not included in the
   latencies. "routed right" is the share of the timed images sent to their own domain (with random
@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds (one call of every setting each)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per setting before the rounds")
     parser.add_argument("--pool", type=int, default=16, help="test images cycled through (decoded once)")
-    parser.add_argument("--prototype-images", type=int, default=0,
+    parser.add_argument("--classifier-images", type=int, default=0,
                         help="training images per dataset to fit the auto-routing classifier when the weights hold "
                              "none (0 = MODEL.GEM.PLANNER.SAMPLES_PER_UNIT, as GemTrainer)")
     parser.add_argument("--seed", type=int, default=0)
@@ -145,18 +145,18 @@ def run(args) -> dict:
     model.eval()
     if model.dataset_classifier is None:
         raise ValueError("the model has no dataset classifier (no label space): auto routing cannot be measured")
-    prototype_s, prototype_source = 0.0, "from the checkpoint"
+    classifier_s, classifier_source = 0.0, "from the checkpoint"
     if not bool(model.dataset_classifier.ready):
         t0 = time.perf_counter()
-        n = args.prototype_images or int(cfg.MODEL.GEM.PLANNER.SAMPLES_PER_UNIT)
+        n = args.classifier_images or int(cfg.MODEL.GEM.PLANNER.SAMPLES_PER_UNIT)
         fit_dataset_classifier(model, cfg, samples_per_dataset=n)
-        prototype_s = time.perf_counter() - t0
-        prototype_source = f"fitted on {n} training images per dataset at start-up"
+        classifier_s = time.perf_counter() - t0
+        classifier_source = f"fitted on {n} training images per dataset at start-up"
     pool = image_pool(cfg, max(args.pool, max(args.batch_sizes)))
     own = [model.dataset_names[int(x["dataset_id"])] for x in pool]
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, mapping "
-          f"{dict(zip(cfg.MODEL.GEM.UNITS, cfg.MODEL.GEM.MAPPING))}; auto-routing classifier {prototype_source} "
-          f"({prototype_s:.1f} s); pool {len(pool)} test images {tuple(pool[0]['image'].shape[1:])}", flush=True)
+          f"{dict(zip(cfg.MODEL.GEM.UNITS, cfg.MODEL.GEM.MAPPING))}; auto-routing classifier {classifier_source} "
+          f"({classifier_s:.1f} s); pool {len(pool)} test images {tuple(pool[0]['image'].shape[1:])}", flush=True)
 
     settings = [(r, b) for r in ROUTINGS if r in args.routings for b in args.batch_sizes]
     cursor = {s: 0 for s in settings}
@@ -221,8 +221,8 @@ def run(args) -> dict:
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed, "statistic": "median, p90",
         "schedule": "round-robin over (routing, batch) per repeat, first rotating",
-        "weights": cfg.MODEL.WEIGHTS or "random init", "auto_router": prototype_source,
-        "auto_router_fit_s": prototype_s,
+        "weights": cfg.MODEL.WEIGHTS or "random init", "auto_router": classifier_source,
+        "auto_router_fit_s": classifier_s,
         "units": list(cfg.MODEL.GEM.UNITS), "mapping": [list(m) for m in cfg.MODEL.GEM.MAPPING],
         "image_hw": list(pool[0]["image"].shape[1:]), "pool": len(pool),
         "load_average": load_average(),

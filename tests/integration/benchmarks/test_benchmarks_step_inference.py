@@ -70,7 +70,7 @@ def test_step_benchmark_rows_per_router(small_synth, tmp_path):
 
 def test_inference_benchmark_rows_per_setting(small_synth, tmp_path):
     out = tmp_path / "inference.json"
-    main(["inference", "--repeats", "1", "--warmup", "0", "--pool", "8", "--prototype-images", "2",
+    main(["inference", "--repeats", "1", "--warmup", "0", "--pool", "8", "--classifier-images", "2",
           "--output", str(out)] + _tiny_opts(small_synth))
     report = json.loads(out.read_text())
     assert [(r["routing"], r["batch"]) for r in report["rows"]] == [("dataset", 1), ("dataset", 8), ("auto", 1),
