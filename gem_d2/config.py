@@ -73,7 +73,7 @@ def _add_gem(cfg: CN) -> None:
     g.PLANNER = p = CN()
     p.LEVEL = "dataset"  # dataset | class: what a planning unit is
     p.SAMPLES_PER_UNIT = 32  # images (or boxes) sampled per unit for the affinity
-    p.TAU = 0.1  # softmax temperature of the affinity
+    p.TAU = 1.0  # affinity softmax temperature, in units of the std of all unit-key cosines
     p.SLACK = 0.1  # expert capacity slack: C_j = (1 + slack) * sum_u s_u k_u / n
     p.BETA = 0.5  # importance a_u = s_u^-beta (normalised)
     p.SOLVER = "CBC"  # PuLP solver name for LP and MILP

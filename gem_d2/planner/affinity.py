@@ -25,6 +25,7 @@ from gem_d2.planner.mapping import UNIT_SEPARATOR
 from gem_d2.utils.safe_load import SafeDetectionCheckpointer
 
 __all__ = ["AffinityResult", "FeatureExtractor", "UnitFeatures", "affinity_from_features", "affinity_from_prototypes",
+           "affinity_temperature", "cosine_matrix",
            "build_frozen_backbone", "collect_unit_features", "compute_affinity", "unit_prototypes"]
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class AffinityResult:
     affinity: np.ndarray
     samples_per_unit: np.ndarray
     seconds: float
+    temperature: float = float("nan")  # the softmax temperature T the affinity was computed with
 
 
 def build_frozen_backbone(cfg) -> torch.nn.Module:
@@ -289,22 +291,45 @@ def unit_prototypes(features: Sequence[np.ndarray]) -> np.ndarray:
     return (protos / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def affinity_from_prototypes(prototypes: np.ndarray, keys: np.ndarray, tau: float = 0.1) -> np.ndarray:
-    """``w_uj = softmax_j(cos(mu_u, kappa_j) / tau)``: (m, n) float64, rows summing to 1."""
+def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every row of ``a`` (m, C) with every row of ``b`` (n, C): (m, n) float64."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return a @ b.T
+
+
+def affinity_temperature(cosines: np.ndarray, tau: float) -> float:
+    """The softmax temperature ``T = tau * std(all unit-key cosines)`` (at least ``tau * 1e-6``).
+
+    Scaling by the spread makes the affinity independent of how concentrated a backbone's cosines are:
+    with a fixed temperature, features whose cosines span 0.3-0.99 turn every row one-hot (a unit's
+    second choice gets ~1% of the weight and the LP has no preference left when capacity denies its
+    first), while cosines packed in 0.94-0.999 give nearly uniform rows.
+    """
     if not tau > 0:
         raise ValueError(f"MODEL.GEM.PLANNER.TAU must be > 0, got {tau}")
-    p = np.asarray(prototypes, dtype=np.float64)
-    k = np.asarray(keys, dtype=np.float64)
-    p = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
-    k = k / np.maximum(np.linalg.norm(k, axis=1, keepdims=True), 1e-12)
-    z = (p @ k.T) / float(tau)
+    return float(tau) * max(float(np.std(cosines)), 1e-6)
+
+
+def affinity_from_prototypes(prototypes: np.ndarray, keys: np.ndarray, tau: float = 1.0,
+                             reference_cosines: Optional[np.ndarray] = None) -> np.ndarray:
+    """``w_uj = softmax_j(cos(mu_u, kappa_j) / T)`` with ``T`` from :func:`affinity_temperature`: (m, n) float64.
+
+    ``reference_cosines``: the cosine matrix whose spread sets ``T`` (default: this one); the few-shot
+    extension passes the planned units' matrix so a new unit is scored on the same scale.
+    """
+    cos = cosine_matrix(prototypes, keys)
+    temperature = affinity_temperature(cos if reference_cosines is None else reference_cosines, tau)
+    z = cos / temperature
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
 
 
 def affinity_from_features(uf: UnitFeatures, num_experts: int, seed: int = 0, kmeans_iters: int = 50,
-                           tau: float = 0.1) -> AffinityResult:
+                           tau: float = 1.0) -> AffinityResult:
     """Prototypes, k-means expert keys (over all sampled features) and the affinity for sampled unit features."""
     t0 = time.perf_counter()
     allf = np.concatenate(uf.features, axis=0)
@@ -318,7 +343,8 @@ def affinity_from_features(uf: UnitFeatures, num_experts: int, seed: int = 0, km
                           share_in_dataset=np.asarray(uf.share_in_dataset), prototypes=protos, keys=keys,
                           affinity=affinity_from_prototypes(protos, keys, float(tau)),
                           samples_per_unit=np.array([len(f) for f in uf.features]),
-                          seconds=time.perf_counter() - t0)
+                          seconds=time.perf_counter() - t0,
+                          temperature=affinity_temperature(cosine_matrix(protos, keys), float(tau)))
 
 
 def compute_affinity(cfg, extractor: Optional[FeatureExtractor] = None,

@@ -11,11 +11,11 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from gem_d2.data.build import dataset_sampling_weights
-from gem_d2.planner.affinity import AffinityResult, affinity_from_prototypes, compute_affinity
+from gem_d2.planner.affinity import AffinityResult, affinity_from_prototypes, compute_affinity, cosine_matrix
 from gem_d2.planner.extend import expert_keys_from_mapping, plan_new_units
 from gem_d2.planner.mapping import GemMapping
 from gem_d2.planner.plan import ROUNDINGS, ExpertPlan, plan_mapping
-from gem_d2.planner.report import write_report
+from gem_d2.planner.report import FLAT_ROW_SPREAD, affinity_evidence, write_report
 from gem_d2.planner.solvers import check_solver
 
 __all__ = ["plan_from_cfg", "plan_new_unit_from_cfg", "dataset_load_shares", "PLAN_YAML"]
@@ -71,13 +71,21 @@ def plan_from_cfg(cfg, output_dir: Optional[str] = None, affinity: Optional[Affi
     plan.times["affinity"] = aff.seconds
     mapping = GemMapping.from_plan(plan, moe_layers=cfg.MODEL.GEM.MOE_LAYERS)
     logger.info("GEM planner result:\n" + plan.format_report())
+    evidence = affinity_evidence(aff)
+    logger.info(f"affinity: temperature {evidence['temperature']:.4g}, mean row spread "
+                f"{evidence['mean_row_spread']:.3f}, unit-prototype cosines (off-diagonal) "
+                f"{evidence['prototype_cosine_off_diagonal']}")
+    if evidence["flat"]:
+        logger.warning("the affinity is nearly flat (mean row spread < %.2f): the backbone's features barely tell the "
+                       "units apart, so the plan follows loads and capacities. Plan with a pretrained MODEL.WEIGHTS.",
+                       FLAT_ROW_SPREAD)
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         header = (f"GEM expert mapping from gem_d2's planner (rounding={plan.rounding}, solver={plan.solver}, "
                   f"level={pl.LEVEL}).\nMerge into a config that had add_gem_config (cfg.merge_from_file) or name "
                   "this file as _BASE_.")
         mapping.save(os.path.join(output_dir, PLAN_YAML), header=header)
-        write_report(plan, output_dir)
+        write_report(plan, output_dir, affinity=aff)
         logger.info(f"GEM plan written to {os.path.join(output_dir, PLAN_YAML)}")
     return plan, mapping
 
@@ -102,7 +110,8 @@ def plan_new_unit_from_cfg(cfg, new_name: str, num_new: int):
     proto_new = aff.prototypes[index[new_name]]
     n_old = int(g.NUM_EXPERTS)
     keys = expert_keys_from_mapping(protos_old, list(g.MAPPING), n_old + num_new, fill=proto_new)
-    w_new = affinity_from_prototypes(proto_new[None], keys, float(g.PLANNER.TAU))
+    w_new = affinity_from_prototypes(proto_new[None], keys, float(g.PLANNER.TAU),
+                                     reference_cosines=cosine_matrix(protos_old, keys))
     shares = dataset_load_shares(aff_cfg)
     ext = plan_new_units(w_new, [shares[new_name]], list(g.MAPPING), [shares[u] for u in units],
                          k=int(g.EXPERTS_PER_UNIT), slack=float(g.PLANNER.SLACK), beta=float(g.PLANNER.BETA),

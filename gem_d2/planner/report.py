@@ -7,10 +7,15 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["plan_summary", "format_plan_table", "save_heatmap", "write_report", "REPORT_JSON", "HEATMAP_PNG"]
+from gem_d2.planner.affinity import cosine_matrix
+from gem_d2.utils.files import atomic_write, atomic_write_text
+
+__all__ = ["plan_summary", "format_plan_table", "affinity_evidence", "save_heatmap", "write_report", "REPORT_JSON",
+           "HEATMAP_PNG", "FLAT_ROW_SPREAD"]
 
 REPORT_JSON = "plan_report.json"
 HEATMAP_PNG = "plan_heatmap.png"
+FLAT_ROW_SPREAD = 0.2  # mean (max - min) of the affinity rows below which the report calls the affinity flat
 _MAX_LABELLED_UNITS = 60  # beyond this the heatmap's unit axis is unlabelled (names would be unreadable)
 
 
@@ -93,42 +98,80 @@ def format_plan_table(plan, max_units: int = 40) -> str:
     return "\n".join(lines)
 
 
-def save_heatmap(plan, path: str) -> str:
-    """Save a units x experts heatmap PNG: LP solution x* (left) and the final mapping (right). Returns path."""
+def affinity_evidence(affinity) -> dict:
+    """Why units share experts: the affinity ``w`` (m, n), the unit-prototype cosines (m, m), the unit-key cosines
+    (m, n), the softmax temperature, and how flat each affinity row is (``max_j w_uj - min_j w_uj``).
+
+    ``affinity``: a :class:`~gem_d2.planner.affinity.AffinityResult`. A mean row spread under
+    :data:`FLAT_ROW_SPREAD` means the features barely tell the units apart: the plan then follows loads and
+    capacities, not the data (a random-init backbone does that).
+    """
+    w = np.asarray(affinity.affinity, dtype=np.float64)
+    proto = cosine_matrix(affinity.prototypes, affinity.prototypes)
+    off = proto[~np.eye(len(proto), dtype=bool)] if len(proto) > 1 else np.zeros(0)
+    spread = w.max(axis=1) - w.min(axis=1)
+    return {
+        "units": list(affinity.unit_names),
+        "affinity": np.round(w, 6).tolist(),
+        "prototype_cosine": np.round(proto, 6).tolist(),
+        "unit_key_cosine": np.round(cosine_matrix(affinity.prototypes, affinity.keys), 6).tolist(),
+        "temperature": float(affinity.temperature),
+        "row_spread": np.round(spread, 6).tolist(),
+        "mean_row_spread": float(spread.mean()),
+        "prototype_cosine_off_diagonal": {"min": float(off.min()), "max": float(off.max()),
+                                          "mean": float(off.mean())} if off.size else None,
+        "flat": bool(spread.mean() < FLAT_ROW_SPREAD),
+    }
+
+
+def save_heatmap(plan, path: str, evidence: Optional[dict] = None) -> str:
+    """Save the plan as a PNG: LP solution x* and the final mapping (units x experts), preceded, when ``evidence``
+    (:func:`affinity_evidence`) is given, by the unit-prototype cosines (units x units) and the affinity ``w``.
+    Returns path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     p = plan.problem
+    panels = [(plan.x_lp, f"LP x* (value {plan.lp_value:.3f})", "expert", 0.0),
+              (plan.assignment, f"{plan.rounding} mapping (value {plan.rounded_value:.3f})", "expert", 0.0)]
+    if evidence is not None:
+        panels = [(np.asarray(evidence["prototype_cosine"]), "unit-prototype cosine", "unit", -1.0),
+                  (np.asarray(evidence["affinity"]),
+                   f"affinity w (T {evidence['temperature']:.3g}, mean row spread {evidence['mean_row_spread']:.2f})",
+                   "expert", 0.0)] + panels
     height = min(24.0, max(3.0, 0.22 * p.m + 1.5))
-    width = min(24.0, max(8.0, 0.35 * p.n * 2 + 4.0))
-    fig, axes = plt.subplots(1, 2, figsize=(width, height), sharey=True, constrained_layout=True)
-    panels = ((plan.x_lp, f"LP x* (value {plan.lp_value:.3f})"),
-              (plan.assignment, f"{plan.rounding} mapping (value {plan.rounded_value:.3f})"))
-    for ax, (mat, title) in zip(axes, panels):
-        im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    width = min(32.0, max(8.0, 0.35 * p.n * len(panels) + 2.0 * len(panels)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, height), sharey=True, constrained_layout=True)
+    for ax, (mat, title, xlabel, vmin) in zip(axes, panels):
+        im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=vmin, vmax=1.0, interpolation="nearest")
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("expert")
-        if p.n <= 64:
-            ax.set_xticks(range(p.n))
-            ax.tick_params(axis="x", labelsize=6 if p.n > 16 else 8)
+        ax.set_xlabel(xlabel)
+        if mat.shape[1] <= 64:
+            ax.set_xticks(range(mat.shape[1]))
+            ax.tick_params(axis="x", labelsize=6 if mat.shape[1] > 16 else 8)
     if p.m <= _MAX_LABELLED_UNITS:
         axes[0].set_yticks(range(p.m))
         axes[0].set_yticklabels(plan.unit_names, fontsize=7)
     axes[0].set_ylabel("unit")
     fig.colorbar(im, ax=list(axes), shrink=0.8)
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
     plt.close(fig)
     return path
 
 
-def write_report(plan, output_dir: str, heatmap: bool = True) -> dict:
-    """Write ``plan_report.json`` (and ``plan_heatmap.png``) into ``output_dir``; returns {"report": path, ...}."""
+def write_report(plan, output_dir: str, heatmap: bool = True, affinity=None) -> dict:
+    """Write ``plan_report.json`` (and ``plan_heatmap.png``) into ``output_dir`` atomically; with ``affinity`` (an
+    :class:`~gem_d2.planner.affinity.AffinityResult`) both carry its :func:`affinity_evidence` (the report under
+    ``"evidence"``). Returns {"report": path, "heatmap": path}."""
     os.makedirs(output_dir, exist_ok=True)
     paths = {"report": os.path.join(output_dir, REPORT_JSON)}
-    with open(paths["report"], "w", encoding="utf-8") as f:
-        json.dump(plan_summary(plan), f, indent=1)
+    summary = plan_summary(plan)
+    evidence = None if affinity is None else affinity_evidence(affinity)
+    if evidence is not None:
+        summary["evidence"] = evidence
+    atomic_write_text(paths["report"], json.dumps(summary, indent=1))
     if heatmap:
-        paths["heatmap"] = save_heatmap(plan, os.path.join(output_dir, HEATMAP_PNG))
+        paths["heatmap"] = save_heatmap(plan, os.path.join(output_dir, HEATMAP_PNG), evidence)
     return paths

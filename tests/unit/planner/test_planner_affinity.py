@@ -1,4 +1,5 @@
 """Affinity from a frozen backbone on the generated domains, k-means, plan_from_cfg and tools/plan_experts.py."""
+import json
 import logging
 import os
 import subprocess
@@ -22,6 +23,7 @@ from gem_d2.planner import (
     compute_affinity,
     kmeans,
     plan_from_cfg,
+    plan_mapping,
 )
 from gem_d2.planner.affinity import FeatureExtractor, collect_unit_features, unit_prototypes
 
@@ -85,13 +87,41 @@ def test_kmeans_recovers_separated_blobs_deterministically():
         kmeans(x[:2], 3)
 
 
-def test_affinity_is_softmax_of_cosine_over_tau():
+def test_affinity_is_softmax_of_cosine_over_the_spread_scaled_temperature():
     protos, keys = np.array([[1.0, 0.0], [3.0, 4.0]]), np.array([[2.0, 0.0], [0.0, 1.0]])
     cos = np.array([[1.0, 0.0], [0.6, 0.8]])
-    want = np.exp(cos / 0.1) / np.exp(cos / 0.1).sum(1, keepdims=True)
-    np.testing.assert_allclose(affinity_from_prototypes(protos, keys, 0.1), want)
+    t = 0.5 * cos.std()  # float64 reference: T = tau * std of every unit-key cosine
+    want = np.exp(cos / t) / np.exp(cos / t).sum(1, keepdims=True)
+    np.testing.assert_allclose(affinity_from_prototypes(protos, keys, 0.5), want)
     with pytest.raises(ValueError, match="TAU must be > 0"):
         affinity_from_prototypes(protos, keys, 0.0)
+
+
+def _unit_vectors(angles_deg):
+    a = np.radians(np.asarray(angles_deg, dtype=np.float64))
+    return np.stack([np.cos(a), np.sin(a)], axis=1)
+
+
+def test_calibrated_affinity_keeps_second_choices_and_plans_the_hand_known_best():
+    """Photo's best expert is full (aerial fills it), so the plan must put photo on its *second* choice.
+
+    Keys at 0 (aerial), 60 (cartoon) and 150 degrees (microscopy); photo at 25 degrees: cos 0.91 to aerial's
+    key, 0.82 to cartoon's, -0.57 to microscopy's. Loads: aerial 0.36, photo 0.08, cartoon 0.30, microscopy
+    0.30; capacity 1.1 * 1.04 / 3 = 0.381, so aerial + photo (0.44) does not fit and cartoon + photo (0.38)
+    does: the best plan (by hand) is aerial -> 0, photo -> 1 (with cartoon), cartoon -> 1, microscopy -> 2.
+    """
+    keys = _unit_vectors([0, 60, 150])
+    protos = _unit_vectors([5, 25, 58, 148])  # aerial, photo, cartoon, microscopy
+    loads = np.array([0.36, 0.08, 0.30, 0.30])
+    w = affinity_from_prototypes(protos, keys, 1.0)
+    photo = w[1]
+    assert photo.argmax() == 0 and photo[1] / photo[0] > 0.5 and photo[2] < 0.15 * photo[1]  # second choice survives
+    old = np.exp(protos @ keys.T / 0.01)  # a fixed temperature on concentrated features: one-hot rows
+    old /= old.sum(1, keepdims=True)
+    assert old[1, 1] / old[1, 0] < 1e-3
+    plan = plan_mapping(w, loads, k=1, slack=0.1, rounding="exact")
+    assert [list(r) for r in plan.mapping] == [[0], [1], [1], [2]]
+    assert plan.overflow.sum() == 0
 
 
 def test_domains_separate_against_held_out_prototypes(domain_features):
@@ -136,6 +166,14 @@ def test_plan_from_cfg_writes_files_and_is_deterministic(small_synth, tmp_path, 
     assert texts[0] == texts[1]
     for name in ("plan_report.json", "plan_heatmap.png"):
         assert (out / name).stat().st_size > 0
+    evidence = json.loads((out / "plan_report.json").read_text())["evidence"]
+    aff = compute_affinity(cfg)  # the same seeded features: the report's evidence, recomputed in float64 here
+    w, protos = np.asarray(evidence["affinity"]), aff.prototypes.astype(np.float64)
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    np.testing.assert_allclose(w, aff.affinity, atol=1e-6)
+    np.testing.assert_allclose(evidence["prototype_cosine"], protos @ protos.T, atol=1e-5)
+    np.testing.assert_allclose(evidence["row_spread"], w.max(1) - w.min(1), atol=1e-6)
+    assert evidence["units"] == list(cfg.DATASETS.TRAIN) and evidence["flat"] == (np.mean(evidence["row_spread"]) < 0.2)
     merged = tiny_cfg(small_synth)
     merged.merge_from_file(str(out / "plan.yaml"))
     assert GemMapping.from_cfg(merged).experts == mapping.experts
