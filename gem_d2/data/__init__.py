@@ -16,7 +16,7 @@ from gem_d2.data.build import build_gem_test_loader, build_gem_train_loader, dat
 from gem_d2.data.catalog import UnknownDatasetError, dataset_domain, datasets_root
 from gem_d2.data.coco import register_coco_dataset
 from gem_d2.data.fewshot import few_shot_name, few_shot_records, register_few_shot, register_few_shot_names
-from gem_d2.data.label_space import UnifiedLabelSpace, dataset_classes, recorded_block
+from gem_d2.data.label_space import UnifiedLabelSpace, dataset_classes
 from gem_d2.data.mapper import GemDatasetMapper, ImageReadError, read_image_checked
 from gem_d2.data.registration import register_datasets_from_cfg
 from gem_d2.data.sampler import MultiDatasetTrainingSampler, sampling_probabilities
@@ -46,7 +46,7 @@ __all__ = [
     "GemDatasetMapper", "ImageReadError", "MultiDatasetTrainingSampler", "UnifiedLabelSpace", "UnknownDatasetError",
     "VocLoadStats", "build_gem_test_loader", "build_gem_train_loader", "dataset_classes", "dataset_domain",
     "dataset_sampling_weights", "datasets_root", "ensure_synthetic", "generate_synthetic", "load_gem_datasets",
-    "load_voc_instances", "read_image_checked", "recorded_block", "register_coco_dataset",
+    "load_voc_instances", "read_image_checked", "register_coco_dataset",
     "register_datasets_from_cfg", "register_synthetic", "register_uodb", "register_voc_dataset",
     "register_voc_sources", "sampling_probabilities", "summarize_datasets", "synthetic_root", "uodb_dataset_names",
 ]

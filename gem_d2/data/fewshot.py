@@ -75,7 +75,7 @@ def register_few_shot(source: str, shots: int, seed: int = 0) -> str:
 
     unregister(name)
     DatasetCatalog.register(name, load)
-    keep = {k: v for k, v in meta.as_dict().items() if k not in ("name", "domain", "load_stats", "gem_label_blocks")}
+    keep = {k: v for k, v in meta.as_dict().items() if k not in ("name", "domain", "load_stats")}
     MetadataCatalog.get(name).set(**keep, domain=domain, few_shot_source=source, shots=int(shots),
                                   few_shot_seed=int(seed))
     return name

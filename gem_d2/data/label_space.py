@@ -5,10 +5,6 @@ For datasets ``[A (3 classes), B (2 classes)]`` the space has 5 classes, A's blo
 order of ``DATASETS.TRAIN``. A block belongs to a *domain* (metadata ``domain``; by default the dataset name
 without its split suffix), so a test dataset uses the block of the training dataset of its domain
 (``uodb_kitti_val`` uses ``uodb_kitti_train``'s). Few-shot adaptation appends a block: ``extended_with``.
-
-Each dataset's block is recorded in its metadata as ``gem_label_blocks = {signature: (start, stop)}``, keyed by
-the label space's ``signature`` (its domains joined by ``|``), so several label spaces can coexist in one
-process (detectron2's ``Metadata`` refuses to change a value once set, the dict is updated in place).
 """
 from typing import List, Sequence, Tuple
 
@@ -16,8 +12,6 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from gem_d2.data.catalog import UnknownDatasetError, dataset_domain, require_registered
 from gem_d2.utils.checks import check_index_range
-
-METADATA_KEY = "gem_label_blocks"
 
 
 def dataset_classes(name: str) -> List[str]:
@@ -43,7 +37,7 @@ class UnifiedLabelSpace:
         offsets: start of each block; ``offsets[i + 1] - offsets[i]`` = classes of dataset i.
         num_classes: total number of classes.
         class_names: unified names ``"<domain>:<class>"``.
-        signature: ``"|"``-joined domains, the key of this space in metadata ``gem_label_blocks``.
+        signature: ``"|"``-joined domains (identifies the space).
     """
 
     def __init__(self, dataset_names: Sequence[str]):
@@ -143,18 +137,7 @@ class UnifiedLabelSpace:
             except UnknownDatasetError as e:
                 raise UnknownDatasetError(f"DATASETS.TEST has '{name}', which no dataset of DATASETS.TRAIN covers: "
                                           f"{e}") from None
-        space.record_in_metadata(cfg.DATASETS.TEST)
         return space
-
-    def record_in_metadata(self, extra_names: Sequence[str] = ()) -> None:
-        """Store each dataset's block in its metadata ``gem_label_blocks[signature]`` (training + ``extra_names``)."""
-        for name in list(self.dataset_names) + [n for n in extra_names if n not in self.dataset_names]:
-            meta = MetadataCatalog.get(name)
-            blocks = meta.get(METADATA_KEY)
-            if blocks is None:
-                blocks = {}
-                meta.set(**{METADATA_KEY: blocks})
-            blocks[self.signature] = self.block_of(name)
 
     def to_dict(self) -> dict:
         """A plain description (datasets, domains, class names, offsets) for configs, logs and checkpoints."""
@@ -171,12 +154,3 @@ class UnifiedLabelSpace:
     def __repr__(self) -> str:
         blocks = ", ".join(f"{n}[{a}:{b}]" for n, (a, b) in zip(self.dataset_names, map(self.block, range(len(self)))))
         return f"UnifiedLabelSpace({self.num_classes} classes: {blocks})"
-
-
-def recorded_block(dataset_name: str, signature: str) -> Tuple[int, int]:
-    """The ``(start, stop)`` recorded for ``dataset_name`` by the label space with ``signature``."""
-    blocks = MetadataCatalog.get(dataset_name).get(METADATA_KEY) or {}
-    if signature not in blocks:
-        raise UnknownDatasetError(f"no label block of '{dataset_name}' recorded for label space '{signature}' "
-                       f"(recorded: {list(blocks)})")
-    return blocks[signature]

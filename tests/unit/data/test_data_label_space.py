@@ -10,7 +10,7 @@ import gem_d2  # noqa: F401  (shims before detectron2)
 # isort: split
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from gem_d2.data import UnifiedLabelSpace, recorded_block, register_coco_dataset, register_voc_dataset
+from gem_d2.data import UnifiedLabelSpace, register_coco_dataset, register_voc_dataset
 
 
 @pytest.fixture
@@ -42,16 +42,11 @@ def test_blocks_offsets_and_names(three_domains, data_cfg):
     assert space != UnifiedLabelSpace(["t_lsa_train", "t_lsb_train", "t_lsc_train"])
 
 
-def test_from_cfg_records_blocks_per_label_space(three_domains, data_cfg):
+def test_from_cfg_gives_each_test_dataset_its_domains_block(three_domains, data_cfg):
     one = UnifiedLabelSpace.from_cfg(data_cfg(train=["t_lsa_train", "t_lsb_train"], test=["t_lsb_test"]))
     two = UnifiedLabelSpace.from_cfg(data_cfg(train=["t_lsb_train", "t_lsa_train"], test=["t_lsa_test"]))
-    assert recorded_block("t_lsb_train", one.signature) == (3, 5)
-    assert recorded_block("t_lsb_train", two.signature) == (0, 2)  # a second space in the same process
-    assert recorded_block("t_lsb_test", one.signature) == (3, 5)
-    assert recorded_block("t_lsa_test", two.signature) == (2, 5)
-    assert MetadataCatalog.get("t_lsa_train").gem_label_blocks == {one.signature: (0, 3), two.signature: (2, 5)}
-    with pytest.raises(KeyError, match="no label block of 't_lsc_train'"):
-        recorded_block("t_lsc_train", one.signature)
+    assert one.block_of("t_lsb_train") == one.block_of("t_lsb_test") == (3, 5)
+    assert two.block_of("t_lsb_train") == (0, 2) and two.block_of("t_lsa_test") == (2, 5)
 
 
 def test_extended_with_appends_a_block(three_domains):
