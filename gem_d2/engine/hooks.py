@@ -31,7 +31,7 @@ class RoutingStatsHook(HookBase):
     datasets) and ``routing/<layer>/<dataset>/expert<j>`` (share of the dataset's tokens; zero entries are
     omitted to keep metrics.json small); scalars are averaged over steps and ranks as
     ``routing/<name>``. At the end the cumulative counts go to ``<output_dir>/routing_stats.json``.
-    A model without ``routing_stats`` (or with an empty one) makes this hook a no-op.
+    A model whose ``routing_stats`` is empty (no MoE layer) makes this hook a no-op.
     """
 
     def __init__(self, period: int, dataset_names: Sequence[str] = (), output_dir: Optional[str] = None):
@@ -43,7 +43,7 @@ class RoutingStatsHook(HookBase):
         self._total: Dict[str, np.ndarray] = {}
 
     def after_step(self):
-        stats = getattr(unwrap_model(self.trainer.model), "routing_stats", None) or {}
+        stats = unwrap_model(self.trainer.model).routing_stats
         for name, value in stats.items():
             value = value.detach().to("cpu", torch.float64).numpy() if torch.is_tensor(value) else np.asarray(
                 value, dtype=np.float64)

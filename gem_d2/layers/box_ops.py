@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torchvision.ops import box_convert, generalized_box_iou_loss
 from torchvision.ops import generalized_box_iou as _tv_generalized_box_iou
 
 __all__ = [
@@ -29,15 +30,13 @@ def _check_boxes(name: str, boxes: Tensor) -> None:
 def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     """``(..., 4)`` ``(cx, cy, w, h)`` -> ``(..., 4)`` ``(x1, y1, x2, y2)``."""
     _check_boxes("boxes", boxes)
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+    return box_convert(boxes, "cxcywh", "xyxy")
 
 
 def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     """``(..., 4)`` ``(x1, y1, x2, y2)`` -> ``(..., 4)`` ``(cx, cy, w, h)``."""
     _check_boxes("boxes", boxes)
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
+    return box_convert(boxes, "xyxy", "cxcywh")
 
 
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -63,16 +62,8 @@ def paired_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     if boxes1.shape != boxes2.shape:
         raise ValueError(f"paired_generalized_box_iou expects equal shapes, got {tuple(boxes1.shape)} "
                          f"and {tuple(boxes2.shape)}")
-    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
-    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    lt = torch.maximum(boxes1[..., :2], boxes2[..., :2])
-    rb = torch.minimum(boxes1[..., 2:], boxes2[..., 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area1 + area2 - inter
-    enclosing = (torch.maximum(boxes1[..., 2:], boxes2[..., 2:]) - torch.minimum(boxes1[..., :2], boxes2[..., :2]))
-    area_c = enclosing[..., 0] * enclosing[..., 1]
-    return inter / union - (area_c - union) / area_c
+    # torchvision's GIoU loss is 1 - GIoU of paired rows; eps 0 keeps the exact ratios (positive-area boxes)
+    return 1 - generalized_box_iou_loss(boxes1, boxes2, reduction="none", eps=0.0)
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:

@@ -11,6 +11,7 @@ sampled features; ``w_uj = softmax_j(cos(mu_u, kappa_j) / tau)``.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from gem_d2.planner.kmeans import kmeans
 from gem_d2.planner.mapping import UNIT_SEPARATOR
@@ -147,7 +149,7 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def image_features(self, file_names: Sequence[str], progress=None) -> np.ndarray:
-        """Globally pooled, L2-normalised last-stage features of images: (N, C) float32."""
+        """Globally pooled, L2-normalised last-stage features of images: (N, C) float32 (``progress``: a tqdm bar)."""
         loaded = []
         for f in file_names:
             loaded.append(self.load(f)[0])
@@ -162,7 +164,7 @@ class FeatureExtractor:
                 for i, v in zip(chunk, F.normalize(pooled, dim=1)):
                     out[i] = v
                 if progress is not None:
-                    progress.step(len(chunk))
+                    progress.update(len(chunk))
         return torch.stack(out).cpu().numpy().astype(np.float32)
 
     @torch.no_grad()
@@ -180,22 +182,10 @@ class FeatureExtractor:
         return F.normalize(pooled, dim=1).cpu().numpy().astype(np.float32)
 
 
-class _Progress:
-    """Logs images done, images/s and ETA at most every few seconds (and at the end)."""
-
-    def __init__(self, total: int, what: str = "images"):
-        self.total, self.done, self.what = total, 0, what
-        self.t0 = self.last = time.perf_counter()
-
-    def step(self, k: int = 1) -> None:
-        self.done += k
-        now = time.perf_counter()
-        if now - self.last >= _LOG_EVERY_S or self.done >= self.total:
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            logger.info(f"planner affinity: {self.done}/{self.total} {self.what}, {rate:.1f} {self.what}/s, "
-                        f"ETA {eta:.0f} s")
+def _progress(total: int, what: str) -> tqdm:
+    """A tqdm bar on stderr (also when it is a log file) updated at most every few seconds."""
+    return tqdm(total=total, desc=f"planner affinity ({what})", unit=what, mininterval=_LOG_EVERY_S, file=sys.stderr,
+                disable=False, leave=True)
 
 
 def _unit_rng(seed: int, unit: str) -> np.random.Generator:
@@ -259,8 +249,8 @@ def collect_unit_features(extractor: FeatureExtractor, datasets: Sequence[str], 
             plan.append((unit, name, len(boxes) / total,
                          [(records[ri]["file_name"], per_image[ri]) for ri in sorted(per_image)]))
     if level == "dataset":
-        progress = _Progress(sum(len(items) for *_, items in plan))
-        feats = [extractor.image_features([fn for fn, _ in items], progress) for *_, items in plan]
+        with _progress(sum(len(items) for *_, items in plan), "images") as progress:
+            feats = [extractor.image_features([fn for fn, _ in items], progress) for *_, items in plan]
     else:
         feats = _class_features(extractor, plan)
     return UnitFeatures(unit_names=[u for u, *_ in plan], datasets=[d for _, d, *_ in plan], features=feats,
@@ -274,13 +264,13 @@ def _class_features(extractor: FeatureExtractor, plan) -> List[np.ndarray]:
         for fn, boxes in items:
             boxes_of_image.setdefault(fn, []).extend((ui, b) for b in boxes)
     parts: List[list] = [[] for _ in plan]
-    progress = _Progress(len(boxes_of_image))
-    for fn in sorted(boxes_of_image):
-        owners = boxes_of_image[fn]
-        feats = extractor.box_features(fn, np.asarray([b for _, b in owners]))
-        for (ui, _), f in zip(owners, feats):
-            parts[ui].append(f)
-        progress.step(1)
+    with _progress(len(boxes_of_image), "images") as progress:
+        for fn in sorted(boxes_of_image):
+            owners = boxes_of_image[fn]
+            feats = extractor.box_features(fn, np.asarray([b for _, b in owners]))
+            for (ui, _), f in zip(owners, feats):
+                parts[ui].append(f)
+            progress.update(1)
     return [np.stack(p) for p in parts]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = ["check_index_range"]
 
@@ -14,7 +15,7 @@ def check_index_range(values: Any, stop: int, what: str, start: int = 0) -> None
     ``values``: an int, a sequence, a numpy array or a tensor. Call it where data enters (on CPU, before
     tensors move to an accelerator): reading a tensor's min/max synchronises with the device.
     """
-    arr = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
+    arr = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values)
     if arr.size == 0:
         return
     low, high = int(arr.min()), int(arr.max())

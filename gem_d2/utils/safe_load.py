@@ -280,7 +280,7 @@ class SafeCheckpointLoadMixin:
     """
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
-        return safe_checkpoint_load(filename, logger=getattr(self, "logger", None))
+        return safe_checkpoint_load(filename, logger=self.logger)
 
 
 class SafeDetectionCheckpointer(SafeCheckpointLoadMixin, DetectionCheckpointer):
