@@ -5,7 +5,7 @@
 
 Writes into ``--output`` (default ``OUTPUT_DIR``):
 
-- ``plan.yaml``: MODEL.GEM.{NUM_EXPERTS, EXPERTS_PER_UNIT, UNITS, MAPPING, MAPPING_WEIGHTS}; merge
+- ``plan.yaml``: MODEL.GEM.{NUM_EXPERTS, EXPERTS_PER_UNIT, UNITS, MAPPING, MAPPING_WEIGHTS, MOE_LAYERS}; merge
   it after your config (``cfg.merge_from_file``, or ``train_net.py --config-file cfg.yaml`` with
   ``MODEL.GEM.MAPPING`` etc. taken from it) or name it as ``_BASE_``;
 - ``planned_config.yaml``: the full config with the mapping filled in (``train_net.py --config-file`` it);

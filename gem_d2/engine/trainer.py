@@ -132,7 +132,8 @@ class GemTrainer(DefaultTrainer):
         writer_at = next((i for i, h in enumerate(ret) if isinstance(h, d2_hooks.PeriodicWriter)), len(ret))
         ret.insert(writer_at, routing)
         ckpt_at = next((i for i, h in enumerate(ret) if isinstance(h, d2_hooks.PeriodicCheckpointer)), 0)
-        ret.insert(ckpt_at, DatasetClassifierHook(self.cfg, self.cfg.TEST.EVAL_PERIOD))
+        if unwrap_model(self.model).dataset_classifier is not None:  # a model with a label space
+            ret.insert(ckpt_at, DatasetClassifierHook(self.cfg, self.cfg.TEST.EVAL_PERIOD))
         if comm.is_main_process():
             ret.append(TrainingCurvesHook(self.cfg.OUTPUT_DIR))
         return ret

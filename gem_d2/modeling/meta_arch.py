@@ -11,8 +11,9 @@ It reads the config once (``from_config``), builds detectron2's backbone and the
 - inference returns ``[{"instances": Instances}]`` with ``pred_boxes`` in the input's
   ``height``/``width``, ``scores`` and ``pred_classes`` as the dataset's **local** 0-based ids.
 
-With ``MODEL.GEM.TEST_ROUTING: auto`` inference ignores the inputs' dataset: the nearest dataset
-prototype of the image's backbone feature picks it (:mod:`gem_d2.modeling.auto_routing`), and each
+With ``MODEL.GEM.TEST_ROUTING: auto`` inference ignores the inputs' dataset: a linear classifier on
+the image's pooled backbone features picks it (:mod:`gem_d2.modeling.auto_routing`, fitted by
+:meth:`GEMDINO.fit_dataset_classifier`), and each
 output also carries ``"routed_dataset"`` (a ``DATASETS.TRAIN`` name).
 
 After each forward, ``self.routing_stats`` holds the routers' ``RoutingContext.stats`` (detached).

@@ -6,9 +6,9 @@ Standalone use on any affinity matrix::
     plan = plan_mapping(affinity, loads, k=1, slack=0.1, beta=0.5)
     plan.mapping, plan.weights, plan.lp_value, plan.rounded_value, plan.milp_value, plan.report()
 
-From a detectron2 config (what the trainer calls): ``plan_from_cfg(cfg, output_dir) -> (plan, mapping, prototypes)``.
-The LP, rounding and MILP modules need only numpy/scipy/PuLP; detectron2 is imported by the affinity code only
-when it runs.
+From a detectron2 config (what the trainer calls): ``plan_from_cfg(cfg, output_dir) -> (plan, mapping)``, the
+mapping a :class:`GemMapping` (mapping.py, the one owner of units -> experts -> weights). The LP, rounding and
+MILP modules take plain arrays; the affinity and the pipeline read a detectron2 config and backbone.
 """
 from gem_d2.planner.affinity import (
     AffinityResult,

@@ -1,4 +1,4 @@
-"""A bank of E FFN experts with stacked weights, each shaped like the dense :class:`~gem_d2.modeling.ffn.FFN`."""
+"""A bank of E FFN experts with stacked weights, each shaped like the dense :class:`~gem_d2.layers.mlp.FFN`."""
 from __future__ import annotations
 
 import math
