@@ -9,8 +9,9 @@ from gem_d2 import _compat
 _compat.apply()
 
 from gem_d2 import data  # registers the UODB and generated datasets
-from gem_d2 import modeling  # registers GEMDINO and the routers
+from gem_d2 import modeling  # registers GEMDINO, the routers and the backbones
+from gem_d2 import model_zoo  # registers the gem_d2:// pretrained-weights URLs with PathManager
 from gem_d2.config import add_gem_config
 
-__all__ = ["add_gem_config", "data", "modeling"]
+__all__ = ["add_gem_config", "data", "model_zoo", "modeling"]
 __version__ = "0.1.0"

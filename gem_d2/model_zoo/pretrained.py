@@ -34,6 +34,8 @@ import torch
 from detectron2.utils.file_io import PathManager
 from iopath.common.file_io import PathHandler
 
+from gem_d2.modeling.backbone.mobilenet import torchvision_to_backbone_keys
+
 __all__ = ["PREFIX", "WEIGHTS", "PretrainedWeightsError", "PretrainedFile", "GemD2PathHandler", "expected_path",
            "local_checkpoint", "verified_file"]
 
@@ -47,8 +49,6 @@ class PretrainedWeightsError(OSError):
 
 
 def _mobilenet_v2_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    from gem_d2.modeling.backbone.mobilenet import torchvision_to_backbone_keys
-
     return torchvision_to_backbone_keys(state_dict)
 
 

@@ -3,7 +3,6 @@
 - ``build_mobilenet_v2_backbone``: torchvision's MobileNetV2 in detectron2-style stages (:mod:`.mobilenet`),
   with ImageNet weights at ``MODEL.WEIGHTS gem_d2://ImageNetPretrained/mobilenet_v2`` (docs/backbones.md).
 """
-from gem_d2.model_zoo import pretrained  # noqa: F401  (registers the gem_d2:// weights URLs with PathManager)
 from gem_d2.modeling.backbone.mobilenet import MobileNetV2Backbone, build_mobilenet_v2_backbone  # noqa: F401
 
 __all__ = ["MobileNetV2Backbone", "build_mobilenet_v2_backbone"]
