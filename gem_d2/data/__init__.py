@@ -7,8 +7,8 @@ Importing it registers, lazily (nothing is read until ``DatasetCatalog.get``):
 - the generated datasets ``synth_<domain>_train|test`` under ``<that root>/gem_synth``, see
   :mod:`gem_d2.data.synthetic`; ``ensure_synthetic(cfg)`` generates and re-registers them per config.
 
-``register_datasets_from_cfg(cfg)`` moves both families to the roots a config names (``DATASETS.UODB_ROOT``,
-``DATASETS.SYNTH.ROOT``) without reading anything.
+The tools make a config's datasets available with ``gem_d2.engine.setup.prepare_datasets(cfg)`` (the one
+registration path: generates the ``synth_*`` data if used, registers UODB under ``DATASETS.UODB_ROOT``).
 
 Your own datasets: :func:`register_voc_dataset` (UODB/VOC layout) or :func:`register_coco_dataset` (COCO JSON).
 """
@@ -18,7 +18,6 @@ from gem_d2.data.coco import register_coco_dataset
 from gem_d2.data.fewshot import few_shot_name, few_shot_records, register_few_shot, register_few_shot_names
 from gem_d2.data.label_space import UnifiedLabelSpace, dataset_classes
 from gem_d2.data.mapper import GemDatasetMapper, ImageReadError, read_image_checked
-from gem_d2.data.registration import register_datasets_from_cfg
 from gem_d2.data.sampler import MultiDatasetTrainingSampler, sampling_probabilities
 from gem_d2.data.summary import summarize_datasets
 from gem_d2.data.synthetic import (
@@ -47,7 +46,7 @@ __all__ = [
     "VocLoadStats", "build_gem_test_loader", "build_gem_train_loader", "dataset_classes", "dataset_domain",
     "dataset_sampling_weights", "datasets_root", "ensure_synthetic", "generate_synthetic", "load_gem_datasets",
     "load_voc_instances", "read_image_checked", "register_coco_dataset",
-    "register_datasets_from_cfg", "register_synthetic", "register_uodb", "register_voc_dataset",
+    "register_synthetic", "register_uodb", "register_voc_dataset",
     "register_voc_sources", "sampling_probabilities", "summarize_datasets", "synthetic_root", "uodb_dataset_names",
 ]
 

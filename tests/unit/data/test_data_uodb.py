@@ -148,22 +148,3 @@ def test_missing_root_fails_only_when_read(uodb_root, tmp_path):
             DatasetCatalog.get("uodb_coco_minival")
     finally:
         register_uodb(str(uodb_root))
-
-
-def test_register_datasets_from_cfg(uodb_root, data_cfg, tmp_path):
-    from gem_d2.data import register_datasets_from_cfg
-    from gem_d2.data.synthetic import register_synthetic, registered_synthetic_root
-
-    before = registered_synthetic_root()
-    other = tmp_path / "other"
-    cfg = data_cfg(**{"DATASETS.UODB_ROOT": str(other)})
-    try:
-        register_datasets_from_cfg(cfg)
-        assert MetadataCatalog.get("uodb_kitti_train").dirname == str(other / "KITTI")
-        assert MetadataCatalog.get("synth_photo_train").dirname == str(other / "gem_synth" / "photo")
-        MetadataCatalog.get("uodb_kitti_train").set(marker=1)
-        register_datasets_from_cfg(cfg)  # same roots: nothing re-registered, metadata kept
-        assert MetadataCatalog.get("uodb_kitti_train").get("marker") == 1
-    finally:
-        register_uodb(str(uodb_root))
-        register_synthetic(before)
