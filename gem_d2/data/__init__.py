@@ -15,6 +15,7 @@ Your own datasets: :func:`register_voc_dataset` (UODB/VOC layout) or :func:`regi
 from gem_d2.data.build import build_gem_test_loader, build_gem_train_loader, dataset_sampling_weights, load_gem_datasets
 from gem_d2.data.catalog import UnknownDatasetError, dataset_domain, datasets_root
 from gem_d2.data.coco import register_coco_dataset
+from gem_d2.data.errors import DatasetFormatError
 from gem_d2.data.fewshot import few_shot_name, few_shot_records, register_few_shot, register_few_shot_names
 from gem_d2.data.label_space import UnifiedLabelSpace, dataset_classes
 from gem_d2.data.mapper import GemDatasetMapper, ImageReadError, read_image_checked
@@ -32,7 +33,6 @@ from gem_d2.data.synthetic import (
 )
 from gem_d2.data.uodb import UODB_DATASETS, register_uodb, uodb_dataset_names
 from gem_d2.data.voc import (
-    DatasetFormatError,
     VocLoadStats,
     load_voc_instances,
     register_voc_dataset,

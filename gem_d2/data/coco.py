@@ -29,7 +29,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from gem_d2.data.catalog import GEM_EVALUATOR_TYPE, strip_split_suffix, unregister
-from gem_d2.data.voc import DatasetFormatError, VocLoadStats, _log_stats, validate_box
+from gem_d2.data.errors import DatasetFormatError
+from gem_d2.data.voc import VocLoadStats, _log_stats, validate_box
 
 logger = logging.getLogger(__name__)
 

@@ -19,15 +19,16 @@ Parsing rules (those of the UODB reference code):
   ``[0, width-1] x [0, height-1]``; a box empty after clipping is dropped. Each is counted in
   :class:`VocLoadStats` and logged.
 - Height/width come from ``<size>`` when present and positive, else from the image header; a NaN/inf
-  ``<size>`` is an error naming the file.
+  ``<size>`` is an error naming the file and line.
 - The split file must list each id once, and ids must be plain file names (no ``/``, not ``.``/``..``),
   so every file read stays inside the dataset root; otherwise an error names the split file and the id.
-- Missing files, malformed XML, an empty split file or unparsable fields raise an error naming the file.
+- Missing files, malformed XML, an empty split file or unparsable fields raise an error naming the file
+  (XML content: ``file:line``, from the one VOC XML reader, :mod:`gem_d2.data.voc_xml`, which the UODB
+  converters share).
 """
 import logging
 import math
 import os
-import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -37,14 +38,12 @@ from detectron2.structures import BoxMode
 from PIL import Image
 
 from gem_d2.data.catalog import GEM_EVALUATOR_TYPE, strip_split_suffix, unregister
+from gem_d2.data.errors import DatasetFormatError
+from gem_d2.data.voc_xml import read_xml, voc_boxes, voc_size
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".bmp")  # tried in this order when image_ext is None
-
-
-class DatasetFormatError(ValueError):
-    """A dataset file exists but its content is not what the reader expects (the message names the file)."""
 
 
 @dataclass
@@ -165,32 +164,8 @@ def _find_image(image_dir, index, image_id, image_ext, split_file) -> str:
     return os.path.join(image_dir, matches[0])
 
 
-def _text(elem, tag: str, xml_file: str, what: str) -> str:
-    child = elem.find(tag)
-    if child is None or child.text is None or not child.text.strip():
-        raise DatasetFormatError(f"{xml_file}: {what} has no <{tag}>")
-    return child.text.strip()
-
-
-def _number(elem, tag: str, xml_file: str, what: str) -> float:
-    text = _text(elem, tag, xml_file, what)
-    try:
-        return float(text)
-    except ValueError:
-        raise DatasetFormatError(f"{xml_file}: {what} <{tag}> is not a number: {text!r}") from None
-
-
-def _image_size(root_elem, xml_file: str, image_file: str) -> Tuple[int, int]:
-    """(height, width) from ``<size>`` when present and positive, else from the image header."""
-    size = root_elem.find("size")
-    if size is not None and size.find("width") is not None and size.find("height") is not None:
-        wf = _number(size, "width", xml_file, "<size>")
-        hf = _number(size, "height", xml_file, "<size>")
-        if not (math.isfinite(wf) and math.isfinite(hf)):
-            raise DatasetFormatError(f"{xml_file}: <size> is not finite: width {wf}, height {hf}")
-        w, h = int(wf), int(hf)
-        if w > 0 and h > 0:
-            return h, w
+def _image_size(image_file: str, xml_file: str) -> Tuple[int, int]:
+    """(height, width) from the image header (the XML has no positive ``<size>``)."""
     try:
         with Image.open(image_file) as im:
             w, h = im.size
@@ -203,38 +178,23 @@ def parse_voc_annotation(xml_file, image_file, class_to_id, stats, coordinate_of
     """Parse one VOC XML; returns ``(height, width, annotations)`` and updates ``stats`` (see module doc)."""
     if not os.path.isfile(xml_file):
         raise FileNotFoundError(f"annotation file not found: {xml_file}")
-    try:
-        tree = ET.parse(xml_file)
-    except ET.ParseError as e:
-        raise DatasetFormatError(f"malformed XML in {xml_file}: {e}") from e
-    root = tree.getroot()
-    height, width = _image_size(root, xml_file, image_file)
+    root = read_xml(xml_file)
+    width, height = voc_size(root, xml_file)
+    if not (width and height):
+        height, width = _image_size(image_file, xml_file)
     annotations = []
-    for k, obj in enumerate(root.findall("object")):
-        what = f"object #{k}"
-        name = _text(obj, "name", xml_file, what).lower().strip()
-        bndbox = obj.find("bndbox")
-        if bndbox is None:
-            raise DatasetFormatError(f"{xml_file}: {what} ('{name}') has no <bndbox>")
-        box = [_number(bndbox, t, xml_file, f"{what} ('{name}')") - coordinate_offset
-               for t in ("xmin", "ymin", "xmax", "ymax")]
-        diff_elem = obj.find("difficult")
-        difficult = 0
-        if diff_elem is not None and diff_elem.text is not None and diff_elem.text.strip():
-            try:
-                difficult = 1 if int(float(diff_elem.text.strip())) else 0
-            except ValueError:
-                raise DatasetFormatError(f"{xml_file}: {what} <difficult> is not 0/1: {diff_elem.text!r}") from None
-        if name not in class_to_id:
-            stats.dropped_unknown[name] = stats.dropped_unknown.get(name, 0) + 1
+    for b in voc_boxes(root, xml_file):
+        if b.name not in class_to_id:
+            stats.dropped_unknown[b.name] = stats.dropped_unknown.get(b.name, 0) + 1
             continue
+        box = [v - coordinate_offset for v in (b.x1, b.y1, b.x2, b.y2)]
         clipped = validate_box(box, width, height, stats, pixel_inclusive=True)
         if clipped is None:
             continue
         stats.boxes += 1
-        stats.difficult += difficult
+        stats.difficult += b.difficult
         annotations.append({"bbox": clipped, "bbox_mode": BoxMode.XYXY_ABS,
-                            "category_id": class_to_id[name], "difficult": difficult})
+                            "category_id": class_to_id[b.name], "difficult": b.difficult})
     return height, width, annotations
 
 

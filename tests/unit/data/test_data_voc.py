@@ -104,17 +104,17 @@ def test_missing_annotation_names_the_file(tmp_path, write_voc):
 def test_malformed_xml_names_the_file(tmp_path, write_voc):
     write_voc(tmp_path, "train", {"a": {}, "b": {}})
     (tmp_path / "Annotations" / "b.xml").write_text("<annotation><object><name>cat</name>")
-    with pytest.raises(DatasetFormatError, match=r"malformed XML in .*Annotations/b\.xml"):
+    with pytest.raises(DatasetFormatError, match=r"Annotations/b\.xml:1: malformed XML"):
         _load(tmp_path)
 
 
 @pytest.mark.parametrize("obj_xml, message", [
-    ("<object><name>cat</name></object>", r"b\.xml: object #0 \('cat'\) has no <bndbox>"),
+    ("<object><name>cat</name></object>", r"b\.xml:1: object #0 \('cat'\) has no <bndbox>"),
     ("<object><name>cat</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>x9</xmax><ymax>5</ymax></bndbox></object>",
-     r"b\.xml: object #0 \('cat'\) <xmax> is not a number: 'x9'"),
-    ("<object><bndbox><xmin>1</xmin></bndbox></object>", r"b\.xml: object #0 has no <name>"),
+     r"b\.xml:1: object #0 \('cat'\) <xmax> is not a number: 'x9'"),
+    ("<object><bndbox><xmin>1</xmin></bndbox></object>", r"b\.xml:1: object #0 has no <name>"),
     ("<object><name>cat</name><difficult>maybe</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax>"
-     "<ymax>5</ymax></bndbox></object>", r"b\.xml: object #0 <difficult> is not 0/1"),
+     "<ymax>5</ymax></bndbox></object>", r"b\.xml:1: object #0 <difficult> is not 0/1"),
 ])
 def test_bad_fields_name_the_file(tmp_path, write_voc, obj_xml, message):
     write_voc(tmp_path, "train", {"b": {}})

@@ -63,7 +63,7 @@ def test_voc_nan_and_inf_boxes_are_dropped_and_counted(tmp_path, write_voc, capl
 def test_voc_non_finite_image_size_names_the_file(tmp_path, write_voc, size):
     write_voc(tmp_path, "train", {"a": {}})
     (tmp_path / "Annotations" / "a.xml").write_text(f"<annotation><size>{size}</size></annotation>")
-    with pytest.raises(DatasetFormatError, match=r"Annotations/a\.xml: <size> is not finite"):
+    with pytest.raises(DatasetFormatError, match=r"Annotations/a\.xml:1: <size> is not finite"):
         load_voc_instances(str(tmp_path), "train", ["cat"])
 
 
