@@ -34,6 +34,15 @@ class VocBox(NamedTuple):
     y2: float
     difficult: int = 0
 
+    def clipped(self, width: int, height: int) -> VocBox:
+        """This box clipped to the loader's valid range ``[0, width-1] x [0, height-1]``."""
+        return self._replace(x1=min(max(self.x1, 0.0), width - 1.0), y1=min(max(self.y1, 0.0), height - 1.0),
+                             x2=min(max(self.x2, 0.0), width - 1.0), y2=min(max(self.y2, 0.0), height - 1.0))
+
+    @property
+    def is_empty(self) -> bool:
+        return self.x2 <= self.x1 or self.y2 <= self.y1
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Reading

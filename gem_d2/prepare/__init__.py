@@ -20,13 +20,13 @@ from gem_d2.prepare.images import LINK_MODES
 from gem_d2.prepare.kitchen import DEFAULT_TEST_SCENES, KitchenConverter
 from gem_d2.prepare.kitti import KittiConverter
 from gem_d2.prepare.lisa import LisaConverter
-from gem_d2.prepare.records import Box, DatasetReport, SplitStats
+from gem_d2.prepare.records import DatasetReport, SplitStats
 from gem_d2.prepare.runner import prepare_dataset, tqdm_progress
 from gem_d2.prepare.summary import format_problems, format_reports
 from gem_d2.prepare.vocdevkit import art_converter, voc_converter
 from gem_d2.prepare.widerface import WiderFaceConverter
 
-__all__ = ["Box", "CheckResult", "Context", "Converter", "DatasetReport", "LINK_MODES", "MissingSourceError",
+__all__ = ["CheckResult", "Context", "Converter", "DatasetReport", "LINK_MODES", "MissingSourceError",
            "SourceFormatError", "SplitStats", "check", "converters", "format_problems", "format_reports",
            "prepare", "prepare_dataset", "resolve_names"]
 

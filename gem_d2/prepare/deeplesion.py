@@ -14,11 +14,11 @@ from typing import List, Tuple
 
 import numpy as np
 
+from gem_d2.data.voc_xml import VocBox
 from gem_d2.prepare.base import Context, Converter, folder_stats
 from gem_d2.prepare.csvio import csv_rows
 from gem_d2.prepare.errors import SourceFormatError
 from gem_d2.prepare.images import load_image
-from gem_d2.prepare.records import Box
 
 CSV_NAME = "DL_info.csv"
 HU_OFFSET = 32768
@@ -34,9 +34,9 @@ def window_to_uint8(raw: np.ndarray, window=WINDOW) -> np.ndarray:
     return np.round(np.clip((hu - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def parse_dl_info(path) -> "OrderedDict[str, Tuple[int, str, List[Box]]]":
+def parse_dl_info(path) -> "OrderedDict[str, Tuple[int, str, List[VocBox]]]":
     """Read ``DL_info.csv``: key-slice file name -> ``(first line, split, lesion boxes)``."""
-    slices: OrderedDict[str, Tuple[int, str, List[Box]]] = OrderedDict()
+    slices: OrderedDict[str, Tuple[int, str, List[VocBox]]] = OrderedDict()
     for line, (name, box_text, split_code, noisy) in csv_rows(path, COLUMNS):
         if not name.lower().endswith(".png") or "_" not in name:
             raise SourceFormatError(path, f"File_name {name!r} is not '<patient>_<study>_<series>_<slice>.png'",
@@ -51,7 +51,7 @@ def parse_dl_info(path) -> "OrderedDict[str, Tuple[int, str, List[Box]]]":
                                     line) from None
         if x2 < x1 or y2 < y1:
             raise SourceFormatError(path, f"box has x2 < x1 or y2 < y1: {box_text!r}", line)
-        box = Box("lesion", x1, y1, x2, y2, difficult=1 if is_noisy else 0)
+        box = VocBox("lesion", x1, y1, x2, y2, difficult=1 if is_noisy else 0)
         if name in slices:
             first, split, boxes = slices[name]
             if split != SPLIT_OF[split_code]:

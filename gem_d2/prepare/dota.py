@@ -16,10 +16,10 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
+from gem_d2.data.voc_xml import VocBox
 from gem_d2.prepare.base import Context, Converter, folder_stats
 from gem_d2.prepare.errors import SourceFormatError
 from gem_d2.prepare.images import load_image
-from gem_d2.prepare.records import Box
 
 PATCH, OVERLAP, MIN_VISIBLE, MIN_SIDE = 800, 200, 0.7, 2.0
 SPLITS = ("train", "val")
@@ -93,7 +93,7 @@ def patch_starts(length: int, patch: int = PATCH, overlap: int = OVERLAP) -> Lis
     return starts
 
 
-def patch_boxes(objects, left: int, top: int, width: int, height: int) -> Tuple[List[Box], int]:
+def patch_boxes(objects, left: int, top: int, width: int, height: int) -> Tuple[List[VocBox], int]:
     """Boxes of ``objects`` inside the patch, in patch coordinates, and the number of tiny leftovers dropped."""
     boxes, tiny = [], 0
     for name, poly, difficult in objects:
@@ -107,7 +107,7 @@ def patch_boxes(objects, left: int, top: int, width: int, height: int) -> Tuple[
         if visible <= 0:
             continue
         xs, ys = [p[0] - left for p in inside], [p[1] - top for p in inside]
-        box = Box(name, min(xs), min(ys), max(xs), max(ys), difficult if visible >= MIN_VISIBLE else 1)
+        box = VocBox(name, min(xs), min(ys), max(xs), max(ys), difficult if visible >= MIN_VISIBLE else 1)
         if box.x2 - box.x1 < MIN_SIDE or box.y2 - box.y1 < MIN_SIDE:
             tiny += 1
             continue

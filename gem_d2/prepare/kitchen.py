@@ -11,10 +11,10 @@ import glob
 import os
 from typing import List, Sequence, Tuple
 
+from gem_d2.data.voc_xml import VocBox
 from gem_d2.prepare.base import Context, Converter, folder_stats
 from gem_d2.prepare.errors import SourceFormatError
 from gem_d2.prepare.images import image_size
-from gem_d2.prepare.records import Box
 from gem_d2.prepare.xmlio import parse_voc_xml
 
 DEFAULT_TEST_SCENES = (2, 4, 5)
@@ -67,7 +67,7 @@ class KitchenConverter(Converter):
                 raise SourceFormatError(xml, f"its image {image} not found")
             ann = parse_voc_xml(xml)
             width, height = (ann.width, ann.height) if ann.width > 0 and ann.height > 0 else image_size(image)
-            boxes = [Box(b.name, b.x1 - 1, b.y1 - 1, b.x2 - 1, b.y2 - 1, b.difficult) for b in ann.boxes]
+            boxes = [VocBox(b.name, b.x1 - 1, b.y1 - 1, b.x2 - 1, b.y2 - 1, b.difficult) for b in ann.boxes]
             split = "test" if scene_number(scene) in self.test_scenes else "train"
             writer.add(split, f"{scene}_{stem}", width, height, boxes, source=image)
         return folder_stats("Kitchen", writer.finish(required_splits=("train", "test")))

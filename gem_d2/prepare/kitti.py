@@ -13,10 +13,10 @@ import glob
 import os
 from typing import Dict, List, Tuple
 
+from gem_d2.data.voc_xml import VocBox
 from gem_d2.prepare.base import Context, Converter, folder_stats
 from gem_d2.prepare.errors import SourceFormatError
 from gem_d2.prepare.images import image_size
-from gem_d2.prepare.records import Box
 from gem_d2.prepare.splits import hash_split
 
 KITTI_CLASS_MAP = {"car": "car", "van": "car", "truck": "car", "pedestrian": "pedestrian",
@@ -24,7 +24,7 @@ KITTI_CLASS_MAP = {"car": "car", "van": "car", "truck": "car", "pedestrian": "pe
 HARD_MIN_HEIGHT, HARD_MAX_OCCLUSION, HARD_MAX_TRUNCATION = 25.0, 2, 0.5
 
 
-def parse_kitti_label(path) -> List[Tuple[str, Box]]:
+def parse_kitti_label(path) -> List[Tuple[str, VocBox]]:
     """Read one KITTI label file: ``[(kitti_type, box)]`` with ``box.name`` the UODB class or ``""`` if dropped."""
     out = []
     with open(path, encoding="utf-8") as f:
@@ -48,7 +48,7 @@ def parse_kitti_label(path) -> List[Tuple[str, Box]]:
                 raise SourceFormatError(path, f"box has x2 < x1 or y2 < y1: {fields[4:8]}", lineno)
             hard = (y2 - y1) < HARD_MIN_HEIGHT or occluded > HARD_MAX_OCCLUSION or truncated > HARD_MAX_TRUNCATION
             name = KITTI_CLASS_MAP[kitti_type.lower()] or ""
-            out.append((kitti_type, Box(name, x1, y1, x2, y2, difficult=int(hard))))
+            out.append((kitti_type, VocBox(name, x1, y1, x2, y2, difficult=int(hard))))
     return out
 
 

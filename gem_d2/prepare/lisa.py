@@ -22,11 +22,11 @@ import re
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
+from gem_d2.data.voc_xml import VocBox
 from gem_d2.prepare.base import Context, Converter, folder_stats
 from gem_d2.prepare.csvio import csv_rows
 from gem_d2.prepare.errors import SourceFormatError
 from gem_d2.prepare.images import image_size
-from gem_d2.prepare.records import Box
 from gem_d2.prepare.splits import hash_split
 
 CSV_NAME = "allAnnotations.csv"
@@ -56,12 +56,12 @@ def lisa_class(tag: str) -> Optional[str]:
     return None
 
 
-def parse_lisa_csv(path) -> "OrderedDict[str, List[Tuple[int, str, Box]]]":
+def parse_lisa_csv(path) -> "OrderedDict[str, List[Tuple[int, str, VocBox]]]":
     """Read ``allAnnotations.csv`` (``;``-separated, header first): frame path -> ``[(line, tag, box)]``.
 
     ``box.name`` is the UODB class, or ``""`` for a sign outside the four classes.
     """
-    frames: OrderedDict[str, List[Tuple[int, str, Box]]] = OrderedDict()
+    frames: OrderedDict[str, List[Tuple[int, str, VocBox]]] = OrderedDict()
     for line, (filename, tag, *corners) in csv_rows(path, COLUMNS, delimiter=";"):
         try:
             x1, y1, x2, y2 = (float(v) for v in corners)
@@ -71,7 +71,7 @@ def parse_lisa_csv(path) -> "OrderedDict[str, List[Tuple[int, str, Box]]]":
             raise SourceFormatError(path, "empty Filename or Annotation tag", line)
         if x2 < x1 or y2 < y1:
             raise SourceFormatError(path, f"lower-right corner above/left of upper-left: {corners}", line)
-        frames.setdefault(filename, []).append((line, tag, Box(lisa_class(tag) or "", x1, y1, x2, y2)))
+        frames.setdefault(filename, []).append((line, tag, VocBox(lisa_class(tag) or "", x1, y1, x2, y2)))
     if not frames:
         raise SourceFormatError(path, "no annotation rows")
     return frames

@@ -1,28 +1,10 @@
-"""Plain records shared by the converters: a box, per-split counts and a dataset's conversion report."""
+"""Plain records shared by the converters: per-split counts and a dataset's conversion report.
+
+The box record is the loader's and the XML writer's, :class:`gem_d2.data.voc_xml.VocBox`.
+"""
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict
-
-
-@dataclass
-class Box:
-    """One object. Coordinates are 0-based pixel coordinates, exactly what the gem_d2 loader returns."""
-
-    name: str
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    difficult: int = 0
-
-    def clipped(self, width: int, height: int) -> "Box":
-        """This box clipped to the loader's valid range ``[0, width-1] x [0, height-1]``."""
-        return Box(self.name, min(max(self.x1, 0.0), width - 1.0), min(max(self.y1, 0.0), height - 1.0),
-                   min(max(self.x2, 0.0), width - 1.0), min(max(self.y2, 0.0), height - 1.0), self.difficult)
-
-    @property
-    def is_empty(self) -> bool:
-        return self.x2 <= self.x1 or self.y2 <= self.y1
 
 
 @dataclass

@@ -8,10 +8,10 @@ import os
 from collections import Counter
 from typing import Dict, List, Optional, Sequence
 
-from gem_d2.data.voc_xml import voc_xml_text
+from gem_d2.data.voc_xml import VocBox, voc_xml_text
 from gem_d2.prepare.errors import SourceFormatError
 from gem_d2.prepare.images import place_image, save_image
-from gem_d2.prepare.records import Box, SplitStats
+from gem_d2.prepare.records import SplitStats
 from gem_d2.prepare.xmlio import parse_voc_xml, write_text
 
 DROP_UNKNOWN = "class not in the UODB list: {}"
@@ -55,7 +55,7 @@ class VocTreeWriter:
         if image_id in self._images:
             raise ValueError(f"image id {image_id!r} written twice in {self.folder_dir}")
 
-    def _record(self, split: str, image_id: str, boxes: Sequence[Box]) -> None:
+    def _record(self, split: str, image_id: str, boxes: Sequence[VocBox]) -> None:
         st = SplitStats(images=1, boxes=len(boxes), difficult=sum(b.difficult for b in boxes),
                         classes=Counter(b.name for b in boxes))
         self._images[image_id] = st
@@ -68,7 +68,7 @@ class VocTreeWriter:
         members.add(image_id)
         self._splits.setdefault(split, []).append(image_id)
 
-    def add(self, split: str, image_id: str, width: int, height: int, boxes: Sequence[Box], *,
+    def add(self, split: str, image_id: str, width: int, height: int, boxes: Sequence[VocBox], *,
             source: Optional[str] = None, image=None, depth: int = 3) -> bool:
         """Add one image with its boxes to ``split``; returns False when it was dropped for having no box.
 

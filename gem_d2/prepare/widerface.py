@@ -8,15 +8,15 @@ kept as difficult. Image ids are the file names without extension (unique in WID
 import os
 from typing import List, Tuple
 
+from gem_d2.data.voc_xml import VocBox
 from gem_d2.prepare.base import Context, Converter, folder_stats
 from gem_d2.prepare.errors import SourceFormatError
 from gem_d2.prepare.images import image_size
-from gem_d2.prepare.records import Box
 
 SPLITS = ("train", "val")
 
 
-def parse_wider_gt(path) -> List[Tuple[str, int, List[Box]]]:
+def parse_wider_gt(path) -> List[Tuple[str, int, List[VocBox]]]:
     """Read a ``*_bbx_gt.txt`` file: ``[(relative image path, line of the path, boxes)]``.
 
     Each image is a path line, a count line, then ``max(count, 1)`` lines of ``x y w h blur expression
@@ -57,7 +57,7 @@ def parse_wider_gt(path) -> List[Tuple[str, int, List[Box]]]:
             if count == 0:
                 continue
             name = "face" if w > 0 and h > 0 else ""
-            boxes.append(Box(name, x, y, x + w, y + h, difficult=int(invalid == 1)))
+            boxes.append(VocBox(name, x, y, x + w, y + h, difficult=int(invalid == 1)))
         out.append((rel, rel_line, boxes))
         i += 2 + rows
     return out
