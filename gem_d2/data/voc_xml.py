@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import xml.parsers.expat
-from dataclasses import dataclass, field
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 from xml.sax.saxutils import escape
 
@@ -48,39 +47,48 @@ class VocBox(NamedTuple):
 # Reading
 
 
-@dataclass
 class Node:
     """An XML element with the line it starts on; ``text`` is all character data directly inside it."""
 
-    tag: str
-    line: int
-    text: str = ""
-    children: List[Node] = field(default_factory=list)
+    __slots__ = ("tag", "line", "text", "children")
+
+    def __init__(self, tag: str, line: int):
+        self.tag, self.line, self.text, self.children = tag, line, "", []
+
+    def __repr__(self) -> str:
+        return f"Node({self.tag!r}, line {self.line}, {len(self.children)} children)"
 
     def find(self, tag: str) -> Optional[Node]:
-        return next((c for c in self.children if c.tag == tag), None)
+        for c in self.children:
+            if c.tag == tag:
+                return c
+        return None
 
     def findall(self, tag: str) -> List[Node]:
         return [c for c in self.children if c.tag == tag]
 
 
 def read_xml(path) -> Node:
-    """Parse ``path`` into a :class:`Node` tree; malformed XML raises :class:`FileFormatError` with the line."""
+    """Parse ``path`` into a :class:`Node` tree; malformed XML raises :class:`FileFormatError` with the line.
+
+    The loader reads every annotation file with it: the handlers are kept minimal (a document node under the
+    root makes every element's parent ``stack[-1]``; ``buffer_text`` gives one call per text run).
+    """
     parser = xml.parsers.expat.ParserCreate()
-    stack: List[Node] = []
-    root: List[Node] = []
+    parser.buffer_text = True
+    document = Node("", 0)
+    stack = [document]
 
     def start(tag, _attrs):
         node = Node(tag, parser.CurrentLineNumber)
-        (stack[-1].children if stack else root).append(node)
+        stack[-1].children.append(node)
         stack.append(node)
 
     def end(_tag):
         stack.pop()
 
     def chars(data):
-        if stack:
-            stack[-1].text += data
+        stack[-1].text += data
 
     parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = start, end, chars
     try:
@@ -88,9 +96,9 @@ def read_xml(path) -> Node:
             parser.ParseFile(f)
     except xml.parsers.expat.ExpatError as e:
         raise FileFormatError(path, f"malformed XML: {xml.parsers.expat.ErrorString(e.code)}", e.lineno) from None
-    if not root:
+    if not document.children:
         raise FileFormatError(path, "malformed XML: no element found", 1)
-    return root[0]
+    return document.children[0]
 
 
 def child_text(node: Node, tag: str, path, what: str) -> str:
