@@ -12,7 +12,8 @@ Only tensors and plain Python containers are stored, so ``torch.load(weights_onl
 (``gem_d2.engine.checkpoint_records`` describes the records and compares them with a config).
 fvcore's ``Checkpointer.save`` and ``tag_last_checkpoint`` write in place, so a crash mid-write
 leaves a truncated file that ``--resume`` would then pick; here both go to a temporary file in the
-same folder first and are moved over the target with ``os.replace``.
+same folder first and are moved over the target with ``os.replace``. ``--resume`` skips an unreadable
+newest checkpoint (:func:`gem_d2.engine.resume.resume_checkpoint`).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from gem_d2.engine.checkpoint_records import (
     layout_diffs,
     read_checkpoint_records,
 )
+from gem_d2.engine.resume import resume_checkpoint
 from gem_d2.planner.mapping import GemMapping
 from gem_d2.utils.files import atomic_write
 from gem_d2.utils.safe_load import SafeDetectionCheckpointer
@@ -72,6 +74,8 @@ class GemCheckpointer(SafeDetectionCheckpointer):
     here, so nothing can be adopted: ``MODEL.GEM.ADOPT_CHECKPOINT_LAYOUT`` / ``LOAD_CHECKPOINT_MAPPING``
     act in ``gem_d2.engine.resolve_gem_mapping`` before the model is built (tools/train_net.py does).
     Files without gem_d2's records (ImageNet or detectron2 weights) load as in detectron2.
+
+    ``--resume`` (``resume_or_load(..., resume=True)``) loads :func:`resume_checkpoint`'s choice.
     """
 
     def __init__(self, model, save_dir: str = "", *, gem_mapping: Optional[GemMapping] = None, router: str = "",
@@ -124,6 +128,14 @@ class GemCheckpointer(SafeDetectionCheckpointer):
                      lambda f: f.write(last_filename_basename), binary=False)
 
     # ----------------------------------------------------------------------------------------- loading
+    def get_checkpoint_file(self) -> str:
+        """The checkpoint ``--resume`` loads: :func:`resume_checkpoint` (skips an unreadable newest one)."""
+        return resume_checkpoint(self.save_dir)
+
+    def has_checkpoint(self) -> bool:
+        """Whether ``--resume`` has a readable checkpoint to continue from."""
+        return bool(self.get_checkpoint_file())
+
     def _load_model(self, checkpoint: Dict[str, Any]):
         record = checkpoint.pop(MAPPING_KEY, None)
         router = checkpoint.pop(ROUTER_KEY, None)

@@ -6,7 +6,7 @@ config is updated, and rank 0 writes the resolved config to ``OUTPUT_DIR/config.
 (overwriting the unresolved copy ``default_setup`` wrote), so ``config.yaml`` always reproduces the run.
 
 Decision, in order, against the checkpoint that will be loaded (:func:`checkpoint_to_load`:
-``OUTPUT_DIR/last_checkpoint`` when resuming and present, else ``MODEL.WEIGHTS``):
+``--resume``'s choice of :func:`gem_d2.engine.resume.resume_checkpoint`, else ``MODEL.WEIGHTS``):
 1. Label space (the checkpoint's ``gem_label_space``): another DATASETS.TRAIN order (or other datasets)
    is :class:`CheckpointLayoutError` naming both, unless ``MODEL.GEM.ADOPT_CHECKPOINT_LAYOUT``: then
    DATASETS.TRAIN becomes the checkpoint's. Different class lists are always an error.
@@ -47,6 +47,7 @@ from gem_d2.engine.checkpoint_records import (
     layout_diffs,
     read_checkpoint_records,
 )
+from gem_d2.engine.resume import resume_checkpoint
 from gem_d2.planner import plan_from_cfg
 from gem_d2.planner.mapping import GemMapping
 from gem_d2.utils.files import atomic_write_text
@@ -65,14 +66,15 @@ def needs_planning(cfg: CfgNode) -> bool:
 
 
 def checkpoint_to_load(cfg: CfgNode, resume: bool) -> str:
-    """The file ``DefaultTrainer.resume_or_load(resume)`` (or ``--eval-only``) will load; "" if none."""
+    """The file ``GemTrainer.resume_or_load(resume)`` (or ``--eval-only``) will load; "" if none.
+
+    With ``resume``: :func:`resume_checkpoint` (OUTPUT_DIR's newest readable checkpoint), as the
+    checkpointer decides; ``MODEL.WEIGHTS`` when there is nothing to resume.
+    """
     if resume:
-        tag = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
-        if os.path.isfile(tag):
-            with open(tag) as f:
-                name = f.read().strip()
-            if name:
-                return os.path.join(cfg.OUTPUT_DIR, name)
+        path = resume_checkpoint(cfg.OUTPUT_DIR)
+        if path:
+            return path
     return str(cfg.MODEL.WEIGHTS or "")
 
 
