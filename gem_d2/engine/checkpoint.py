@@ -13,7 +13,8 @@ Only tensors and plain Python containers are stored, so ``torch.load(weights_onl
 fvcore's ``Checkpointer.save`` and ``tag_last_checkpoint`` write in place, so a crash mid-write
 leaves a truncated file that ``--resume`` would then pick; here both go to a temporary file in the
 same folder first and are moved over the target with ``os.replace``. ``--resume`` skips an unreadable
-newest checkpoint (:func:`gem_d2.engine.resume.resume_checkpoint`).
+newest checkpoint (:func:`gem_d2.engine.resume.resume_checkpoint`). A model with a non-finite parameter
+is never saved (:class:`~gem_d2.engine.divergence.TrainingDivergedError`).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from gem_d2.engine.checkpoint_records import (
     layout_diffs,
     read_checkpoint_records,
 )
+from gem_d2.engine.divergence import TrainingDivergedError, non_finite_parameters
 from gem_d2.engine.resume import resume_checkpoint
 from gem_d2.planner.mapping import GemMapping
 from gem_d2.utils.files import atomic_write
@@ -85,6 +87,7 @@ class GemCheckpointer(SafeDetectionCheckpointer):
         self.gem_mapping = gem_mapping
         self.router = router
         self.label_space = label_space
+        self._refuse_reason: Optional[str] = None
 
     @classmethod
     def from_config(cls, cfg: CfgNode, model, save_dir: Optional[str] = None, **checkpointables) -> GemCheckpointer:
@@ -93,14 +96,30 @@ class GemCheckpointer(SafeDetectionCheckpointer):
                    router=str(cfg.MODEL.GEM.ROUTER), label_space=label_space_record(cfg), **checkpointables)
 
     # ------------------------------------------------------------------------------------------ saving
+    def refuse_saves(self, reason: str) -> None:
+        """Make every later :meth:`save` raise ``TrainingDivergedError(reason)`` (set when training diverged)."""
+        self._refuse_reason = reason
+
     def save(self, name: str, **kwargs: Any) -> None:
-        """Write ``<save_dir>/<name>.pth`` atomically, with the GEM keys, then tag it as the last checkpoint."""
+        """Write ``<save_dir>/<name>.pth`` atomically, with the GEM keys, then tag it as the last checkpoint.
+
+        Raises :class:`TrainingDivergedError` (nothing written, ``last_checkpoint`` not moved) after
+        :meth:`refuse_saves` or when a model parameter holds NaN/inf.
+        """
         if not self.save_dir or not self.save_to_disk:
             return
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         if os.path.basename(save_file) != basename:
             raise ValueError(f"checkpoint name {name!r} must not contain a path separator")
+        at = f" (iteration {kwargs['iteration']})" if "iteration" in kwargs else ""
+        if self._refuse_reason is not None:
+            raise TrainingDivergedError(f"refusing to save {save_file}{at}: {self._refuse_reason}")
+        bad = non_finite_parameters(self.model)
+        if bad:
+            raise TrainingDivergedError(
+                f"refusing to save {save_file}{at}: the model has non-finite (NaN/inf) parameters: "
+                f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} ({len(bad)} tensors)")
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
