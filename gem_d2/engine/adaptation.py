@@ -280,6 +280,7 @@ def run_adaptation(args) -> dict:
     write_config(new_cfg, os.path.join(out_dir, "config.yaml"))
 
     state = load_torch_file(args.weights)
+    trained_at = state.get("iteration") if isinstance(state, dict) else None
     state = state.get("model", state)
     old_used = experts_of_units(list(cfg.MODEL.GEM.MAPPING)) if gem else None
 
@@ -292,7 +293,9 @@ def run_adaptation(args) -> dict:
     before_cfg.defrost()
     before_cfg.OUTPUT_DIR = os.path.join(out_dir, "before")
     os.makedirs(before_cfg.OUTPUT_DIR, exist_ok=True)
-    before = ap_table(GemTrainer.test(before_cfg, trainer.model))
+    source = {"iteration": trained_at if isinstance(trained_at, int) else None,
+              "checkpoint": os.path.abspath(args.weights)}
+    before = ap_table(GemTrainer.test(before_cfg, trainer.model, source=source))
     after = ap_table(trainer.train() or GemTrainer.test(new_cfg, trainer.model))
     result = {
         "router": router, "new_dataset": args.new_dataset, "few_shot_dataset": few, "new_test": new_test,

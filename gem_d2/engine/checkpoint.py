@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from detectron2.config import CfgNode
@@ -59,6 +59,10 @@ def read_checkpoint_mapping(path: str) -> Optional[GemMapping]:
     return read_checkpoint_records(path).mapping
 
 
+def _location(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
 class GemCheckpointer(SafeDetectionCheckpointer):
     """``DetectionCheckpointer`` that stores what the model was built as, saves atomically and reads files as
     data only (weights-only torch loading; ``.pkl`` through a restricted unpickler, see ``gem_d2.utils.safe_load``).
@@ -78,6 +82,7 @@ class GemCheckpointer(SafeDetectionCheckpointer):
     Files without gem_d2's records (ImageNet or detectron2 weights) load as in detectron2.
 
     ``--resume`` (``resume_or_load(..., resume=True)``) loads :func:`resume_checkpoint`'s choice.
+    ``last_checkpoint`` is ``(path, iteration)`` of the file last saved or loaded here (None before).
     """
 
     def __init__(self, model, save_dir: str = "", *, gem_mapping: Optional[GemMapping] = None, router: str = "",
@@ -87,6 +92,7 @@ class GemCheckpointer(SafeDetectionCheckpointer):
         self.gem_mapping = gem_mapping
         self.router = router
         self.label_space = label_space
+        self.last_checkpoint: Optional[Tuple[str, Optional[int]]] = None
         self._refuse_reason: Optional[str] = None
 
     @classmethod
@@ -132,6 +138,7 @@ class GemCheckpointer(SafeDetectionCheckpointer):
         self._remove_stale_temp_files()
         atomic_write(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(basename)
+        self.last_checkpoint = (_location(save_file), kwargs.get("iteration"))
 
     def _remove_stale_temp_files(self) -> None:
         # Only this process writes into save_dir, so a temp file already there was left by a run that
@@ -154,6 +161,13 @@ class GemCheckpointer(SafeDetectionCheckpointer):
     def has_checkpoint(self) -> bool:
         """Whether ``--resume`` has a readable checkpoint to continue from."""
         return bool(self.get_checkpoint_file())
+
+    def load(self, path: str, checkpointables=None) -> Dict[str, Any]:
+        extra = super().load(path, checkpointables)
+        if path:
+            iteration = extra.get("iteration") if isinstance(extra, dict) else None
+            self.last_checkpoint = (_location(path), iteration if isinstance(iteration, int) else None)
+        return extra
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         record = checkpoint.pop(MAPPING_KEY, None)

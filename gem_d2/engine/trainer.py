@@ -5,7 +5,7 @@ import logging
 import os
 import weakref
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from detectron2.config import CfgNode
 from detectron2.engine import DefaultTrainer, TrainerBase
@@ -24,10 +24,23 @@ from gem_d2.engine.launch import create_ddp_model, unwrap_model
 from gem_d2.engine.optimizer import build_gem_optimizer
 from gem_d2.engine.step import GemAMPTrainer, GemSimpleTrainer, amp_dtype
 
-__all__ = ["GemTrainer", "GemAMPTrainer", "GemSimpleTrainer", "amp_dtype"]
+__all__ = ["GemTrainer", "GemAMPTrainer", "GemSimpleTrainer", "amp_dtype", "results_source"]
 logger = logging.getLogger(__name__)
 # Hooks whose after_train must not run when the loop did not finish: the final evaluation and saves.
 _SKIPPED_AFTER_FAILURE = (d2_hooks.EvalHook, d2_hooks.PeriodicCheckpointer, d2_hooks.BestCheckpointer)
+
+
+def results_source(checkpointer: GemCheckpointer, iteration: Optional[int] = None) -> Dict[str, Any]:
+    """Where evaluated weights come from, as results files record it: ``{"iteration", "checkpoint"}``.
+
+    Without ``iteration`` (``--eval-only``): the file the checkpointer loaded and the iteration stored in
+    it (None for weights without one). With it (during training): that iteration, and the last
+    checkpoint file only when it holds exactly these weights (else None: not saved at that iteration).
+    """
+    last = checkpointer.last_checkpoint
+    if iteration is None:
+        return {"iteration": last[1] if last else None, "checkpoint": last[0] if last else None}
+    return {"iteration": int(iteration), "checkpoint": last[0] if last and last[1] == iteration else None}
 
 
 class GemTrainer(DefaultTrainer):
@@ -35,11 +48,12 @@ class GemTrainer(DefaultTrainer):
 
     Differences from detectron2's: gem_d2's multi-dataset loaders and per-dataset UODB evaluators;
     ``test`` evaluates every ``DATASETS.TEST`` dataset and writes the summary table
-    (``results_table.md``/``results.json``) into ``OUTPUT_DIR``; AdamW with a backbone LR multiplier
-    (:func:`build_gem_optimizer`); DDP that also works on CPU (gloo); AMP with float16/bfloat16 on
-    CUDA; :class:`GemCheckpointer` (GEM mapping, label space and layout in every checkpoint, atomic
-    writes); optimizer (and grad scaler) state saved and restored on ``--resume``; routing statistics
-    in the event storage and a ``training_curves.png`` at the end.
+    (``results_table.md``/``results.json``, with the iteration and checkpoint evaluated) into
+    ``OUTPUT_DIR``; AdamW with a backbone LR multiplier (:func:`build_gem_optimizer`); DDP that also
+    works on CPU (gloo); AMP with float16/bfloat16 on CUDA; :class:`GemCheckpointer` (GEM mapping,
+    label space and layout in every checkpoint, atomic writes); optimizer (and grad scaler) state
+    saved and restored on ``--resume``; routing statistics in the event storage and a
+    ``training_curves.png`` at the end.
 
     Divergence (a NaN/inf loss, or NaN/inf weights when a checkpoint is due) raises
     :class:`TrainingDivergedError` naming the iteration and the values; from then on the checkpointer
@@ -72,8 +86,11 @@ class GemTrainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self) -> List[d2_hooks.HookBase]:
-        """detectron2's hooks plus routing statistics (before the writer) and the curve plot (after it)."""
+        """detectron2's hooks plus routing statistics (before the writer) and the curve plot (after it); the
+        evaluation hook records where its results come from (:meth:`results_source`)."""
         ret = [h for h in super().build_hooks() if h is not None]
+        ret = [d2_hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_and_save_results)
+               if isinstance(h, d2_hooks.EvalHook) else h for h in ret]
         routing = RoutingStatsHook(20, _train_dataset_names(self.cfg), self.cfg.OUTPUT_DIR)
         writer_at = next((i for i, h in enumerate(ret) if isinstance(h, d2_hooks.PeriodicWriter)), len(ret))
         ret.insert(writer_at, routing)
@@ -82,6 +99,14 @@ class GemTrainer(DefaultTrainer):
         if comm.is_main_process():
             ret.append(TrainingCurvesHook(self.cfg.OUTPUT_DIR))
         return ret
+
+    def _test_and_save_results(self):
+        self._last_eval_results = self.test(self.cfg, self.model, source=self.results_source())
+        return self._last_eval_results
+
+    def results_source(self) -> Dict[str, Any]:
+        """``{"iteration", "checkpoint"}`` of the weights now in the model (the last finished iteration)."""
+        return results_source(self.checkpointer, min(self.iter, self.max_iter - 1))
 
     # ------------------------------------------------------------------------------------- divergence
     def run_step(self):
@@ -148,11 +173,14 @@ class GemTrainer(DefaultTrainer):
         return gem_evaluation.build_uodb_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
-    def test(cls, cfg, model, evaluators: Optional[List[DatasetEvaluator]] = None) -> Dict[str, dict]:
+    def test(cls, cfg, model, evaluators: Optional[List[DatasetEvaluator]] = None,
+             source: Optional[Dict[str, Any]] = None) -> Dict[str, dict]:
         """Evaluate ``model`` on every ``DATASETS.TEST`` dataset; the main process writes the summary table.
 
-        Returns ``{dataset: evaluator result}`` (never collapsed to one dataset's dict, unlike
-        detectron2's, so the keys in metrics.json are always ``<dataset>/uodb/<metric>``).
+        ``source`` (``{"iteration", "checkpoint"}``, see :func:`results_source`) is recorded in
+        ``results.json`` and every ``uodb_metrics_<dataset>.json``. Returns ``{dataset: evaluator result}``
+        (never collapsed to one dataset's dict, unlike detectron2's, so the keys in metrics.json are
+        always ``<dataset>/uodb/<metric>``).
         """
         if isinstance(evaluators, DatasetEvaluator):
             evaluators = [evaluators]
@@ -165,12 +193,14 @@ class GemTrainer(DefaultTrainer):
         for idx, name in enumerate(cfg.DATASETS.TEST):
             loader = cls.build_test_loader(cfg, name)
             evaluator = evaluators[idx] if evaluators is not None else cls.build_evaluator(cfg, name)
+            if isinstance(evaluator, gem_evaluation.UODBEvaluator):
+                evaluator.source = source
             results[name] = inference_on_dataset(model, loader, evaluator)
             if comm.is_main_process():
                 logger.info(f"Evaluation results for {name} in csv format:")
                 print_csv_format(results[name])
         if comm.is_main_process() and results:
-            gem_evaluation.summarize_results(results, cfg.OUTPUT_DIR)  # prints the table
+            gem_evaluation.summarize_results(results, cfg.OUTPUT_DIR, source=source)  # prints the table
             logger.info(f"Per-dataset results table written to {os.path.join(cfg.OUTPUT_DIR, 'results_table.md')}")
         return results
 
