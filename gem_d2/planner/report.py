@@ -7,6 +7,8 @@ from typing import Optional
 
 import numpy as np
 
+from gem_d2.utils.files import atomic_write, atomic_write_text
+
 __all__ = ["plan_summary", "format_plan_table", "save_heatmap", "write_report", "REPORT_JSON", "HEATMAP_PNG"]
 
 REPORT_JSON = "plan_report.json"
@@ -118,7 +120,7 @@ def save_heatmap(plan, path: str) -> str:
         axes[0].set_yticklabels(plan.unit_names, fontsize=7)
     axes[0].set_ylabel("unit")
     fig.colorbar(im, ax=list(axes), shrink=0.8)
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
     plt.close(fig)
     return path
 
@@ -127,8 +129,7 @@ def write_report(plan, output_dir: str, heatmap: bool = True) -> dict:
     """Write ``plan_report.json`` (and ``plan_heatmap.png``) into ``output_dir``; returns {"report": path, ...}."""
     os.makedirs(output_dir, exist_ok=True)
     paths = {"report": os.path.join(output_dir, REPORT_JSON)}
-    with open(paths["report"], "w", encoding="utf-8") as f:
-        json.dump(plan_summary(plan), f, indent=1)
+    atomic_write_text(paths["report"], json.dumps(plan_summary(plan), indent=1))
     if heatmap:
         paths["heatmap"] = save_heatmap(plan, os.path.join(output_dir, HEATMAP_PNG))
     return paths
