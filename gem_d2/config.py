@@ -70,6 +70,7 @@ def _add_gem(cfg: CN) -> None:
     g.MAPPING_WEIGHTS = []  # per unit, combination weights of its experts (k > 1)
     g.TEST_ROUTING = "dataset"  # dataset (known dataset id) | auto (a fitted classifier identifies the dataset)
     g.LOAD_CHECKPOINT_MAPPING = False  # take MAPPING/UNITS from the checkpoint instead of erroring
+    g.ADOPT_CHECKPOINT_LAYOUT = False  # build as the checkpoint records: TRAIN order, ROUTER, experts, layers, mapping
     g.PLANNER = p = CN()
     p.LEVEL = "dataset"  # dataset | class: what a planning unit is
     p.SAMPLES_PER_UNIT = 32  # images (or boxes) sampled per unit for the affinity

@@ -16,14 +16,16 @@
    ``adapt_result.json`` and ``model_final.pth`` whose mapping holds every unit.
 
 The fine-tuning schedule is ``MODEL.GEM.ADAPT.MAX_ITER`` iterations at ``ADAPT.BASE_LR`` (constant),
-batch ``SOLVER.IMS_PER_BATCH``, on the K-shot subset only.
+batch ``SOLVER.IMS_PER_BATCH``, on the K-shot subset only. The output folder is locked for the run
+(``OutputDirLock``); Ctrl-C prints one line and exits with status 130.
 """
 import gem_d2  # noqa: F401,I001  (first: compatibility shims, then detectron2 registrations)
 
 import argparse
 import sys
 
-from gem_d2.engine.adaptation import run_adaptation
+from gem_d2.engine.adaptation import adaptation_output_dir, run_adaptation
+from gem_d2.engine.interrupt import exit_on_interrupt
 
 
 def parse_args(argv=None):
@@ -40,4 +42,6 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    run_adaptation(parse_args(sys.argv[1:]))
+    args = parse_args(sys.argv[1:])
+    with exit_on_interrupt(lambda: adaptation_output_dir(args)):  # Ctrl-C: one line, exit status 130
+        run_adaptation(args)

@@ -10,6 +10,9 @@ Writes into ``--output`` (default ``OUTPUT_DIR``):
   ``MODEL.GEM.MAPPING`` etc. taken from it) or name it as ``_BASE_``;
 - ``planned_config.yaml``: the full config with the mapping filled in (``train_net.py --config-file`` it);
 - ``plan_report.json``, ``plan_heatmap.png`` (x* and the final mapping).
+
+The output folder is locked while planning (``OutputDirLock``: a second run on it fails at once);
+Ctrl-C prints one line and exits with status 130.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ import gem_d2  # noqa: F401  (shims before detectron2)
 # isort: split
 from detectron2.utils.logger import setup_logger
 
+from gem_d2.engine.interrupt import exit_on_interrupt
+from gem_d2.engine.run_lock import OutputDirLock
 from gem_d2.engine.setup import build_cfg, prepare_datasets
 from gem_d2.planner import plan_from_cfg
 from gem_d2.planner.pipeline import PLAN_YAML
@@ -42,17 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(output: str) -> str:
+    return f"interrupted; {output} keeps only complete plan files (each is written atomically)"
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     cfg = build_cfg(args.config_file, args.opts)
     output = args.output or cfg.OUTPUT_DIR
-    os.makedirs(output, exist_ok=True)
-    setup_logger(output, name="gem_d2", abbrev_name="gem")
-    prepare_datasets(cfg)
-    plan, mapping = plan_from_cfg(cfg, output)
-    planned = cfg.clone()
-    mapping.to_cfg(planned)
-    atomic_write_text(os.path.join(output, PLANNED_CONFIG), planned.dump())
+    with exit_on_interrupt(output, _interrupted), OutputDirLock(output):  # one writer per folder
+        setup_logger(output, name="gem_d2", abbrev_name="gem")
+        prepare_datasets(cfg)
+        plan, mapping = plan_from_cfg(cfg, output)
+        planned = cfg.clone()
+        mapping.to_cfg(planned)
+        atomic_write_text(os.path.join(output, PLANNED_CONFIG), planned.dump())
     print(plan.format_report())
     paths = {name: os.path.join(output, name) for name in
              (PLAN_YAML, PLANNED_CONFIG, "plan_report.json", "plan_heatmap.png")}

@@ -39,6 +39,7 @@ from gem_d2.data.catalog import require_registered, strip_split_suffix
 from gem_d2.engine.launch import unwrap_model
 from gem_d2.engine.optimizer import build_gem_optimizer
 from gem_d2.engine.planning import resolve_gem_mapping, write_config
+from gem_d2.engine.run_lock import OutputDirLock
 from gem_d2.engine.setup import build_cfg, prepare_datasets
 from gem_d2.engine.trainer import GemTrainer
 from gem_d2.planner.mapping import GemMapping
@@ -47,7 +48,7 @@ from gem_d2.utils.files import atomic_write_text
 from gem_d2.utils.safe_load import load_torch_file
 
 __all__ = ["adapted_config", "load_extended_weights", "select_trainable", "AdaptTrainer", "CLASS_ROW_PARAMS",
-           "run_adaptation"]
+           "run_adaptation", "adaptation_output_dir"]
 logger = logging.getLogger(__name__)
 
 # Parameters whose first dimension is the unified label space (one row per class).
@@ -231,11 +232,26 @@ def ap_table(results) -> dict:
             for name, r in results.items()}
 
 
+def adaptation_output_dir(args, cfg: Optional[CfgNode] = None) -> str:
+    """``--output-dir``, or ``<OUTPUT_DIR>_adapt_<new dataset>_<K>shot`` of the trained run's config."""
+    cfg = build_cfg(args.config_file, args.opts) if cfg is None else cfg
+    shots = int(args.shots if args.shots is not None else cfg.MODEL.GEM.ADAPT.SHOTS)
+    return args.output_dir or f"{cfg.OUTPUT_DIR.rstrip('/')}_adapt_{args.new_dataset}_{shots}shot"
+
+
 def run_adaptation(args) -> dict:
     """The whole few-shot adaptation of ``tools/adapt.py`` (``args``: its parsed command line: config_file, weights,
-    new_dataset, new_test, shots, output_dir, opts); returns the result dict also written to ``adapt_result.json``."""
+    new_dataset, new_test, shots, output_dir, opts); returns the result dict also written to ``adapt_result.json``.
+
+    Holds the output folder's :class:`OutputDirLock` throughout (a second adaptation into it fails at once)."""
     t0 = time.time()
     cfg = build_cfg(args.config_file, args.opts)
+    out_dir = adaptation_output_dir(args, cfg)
+    with OutputDirLock(out_dir):
+        return _run_adaptation(args, cfg, out_dir, t0)
+
+
+def _run_adaptation(args, cfg: CfgNode, out_dir: str, t0: float) -> dict:
     prepare_datasets(cfg)
     a = cfg.MODEL.GEM.ADAPT
     shots = int(args.shots if args.shots is not None else a.SHOTS)
@@ -244,7 +260,6 @@ def run_adaptation(args) -> dict:
     if new_test is None:
         raise ValueError(f"no test dataset found for {args.new_dataset!r}; pass --new-test")
     require_registered(new_test)
-    out_dir = args.output_dir or f"{cfg.OUTPUT_DIR.rstrip('/')}_adapt_{args.new_dataset}_{shots}shot"
     os.makedirs(out_dir, exist_ok=True)
     setup_logger(out_dir, name="gem_d2", abbrev_name="gem")
     setup_logger(out_dir, name="detectron2", abbrev_name="d2")
@@ -280,6 +295,7 @@ def run_adaptation(args) -> dict:
     write_config(new_cfg, os.path.join(out_dir, "config.yaml"))
 
     state = load_torch_file(args.weights)
+    trained_at = state.get("iteration") if isinstance(state, dict) else None
     state = state.get("model", state)
     old_used = experts_of_units(list(cfg.MODEL.GEM.MAPPING)) if gem else None
 
@@ -292,7 +308,9 @@ def run_adaptation(args) -> dict:
     before_cfg.defrost()
     before_cfg.OUTPUT_DIR = os.path.join(out_dir, "before")
     os.makedirs(before_cfg.OUTPUT_DIR, exist_ok=True)
-    before = ap_table(GemTrainer.test(before_cfg, trainer.model))
+    source = {"iteration": trained_at if isinstance(trained_at, int) else None,
+              "checkpoint": os.path.abspath(args.weights)}
+    before = ap_table(GemTrainer.test(before_cfg, trainer.model, source=source))
     after = ap_table(trainer.train() or GemTrainer.test(new_cfg, trainer.model))
     result = {
         "router": router, "new_dataset": args.new_dataset, "few_shot_dataset": few, "new_test": new_test,

@@ -15,7 +15,7 @@ from gem_d2.config import add_gem_config, merge_config_file
 from gem_d2.data import ensure_synthetic, register_few_shot_names, register_uodb
 from gem_d2.engine.checkpoint import GemCheckpointer
 from gem_d2.engine.planning import resolve_gem_mapping
-from gem_d2.engine.trainer import GemTrainer
+from gem_d2.engine.trainer import GemTrainer, results_source
 
 __all__ = ["build_cfg", "prepare_datasets", "setup_run", "train_main"]
 
@@ -63,8 +63,9 @@ def train_main(args):
     cfg = setup_run(args)
     if args.eval_only:
         model = GemTrainer.build_model(cfg)
-        GemCheckpointer.from_config(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        return GemTrainer.test(cfg, model)
+        checkpointer = GemCheckpointer.from_config(cfg, model)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return GemTrainer.test(cfg, model, source=results_source(checkpointer))
     trainer = GemTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()

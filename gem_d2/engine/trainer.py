@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import weakref
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
-import torch
 from detectron2.config import CfgNode
-from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import DefaultTrainer, TrainerBase
 from detectron2.engine import hooks as d2_hooks
 from detectron2.evaluation import DatasetEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
@@ -20,74 +18,29 @@ from gem_d2 import data as gem_data
 from gem_d2 import evaluation as gem_evaluation
 from gem_d2.engine.checkpoint import GemCheckpointer
 from gem_d2.engine.dataset_classifier import DatasetClassifierHook, fit_dataset_classifier
+from gem_d2.engine.divergence import TrainingDivergedError, non_finite_parameters
 from gem_d2.engine.hooks import RoutingStatsHook, TrainingCurvesHook
 from gem_d2.engine.launch import create_ddp_model, unwrap_model
 from gem_d2.engine.optimizer import build_gem_optimizer
+from gem_d2.engine.step import GemAMPTrainer, GemSimpleTrainer, amp_dtype
 
-__all__ = ["GemTrainer", "GemAMPTrainer", "amp_dtype"]
+__all__ = ["GemTrainer", "GemAMPTrainer", "GemSimpleTrainer", "amp_dtype", "results_source"]
 logger = logging.getLogger(__name__)
+# Hooks whose after_train must not run when the loop did not finish: the final evaluation and saves.
+_SKIPPED_AFTER_FAILURE = (d2_hooks.EvalHook, d2_hooks.PeriodicCheckpointer, d2_hooks.BestCheckpointer)
 
-_AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
+def results_source(checkpointer: GemCheckpointer, iteration: Optional[int] = None) -> Dict[str, Any]:
+    """Where evaluated weights come from, as results files record it: ``{"iteration", "checkpoint"}``.
 
-def amp_dtype(cfg: CfgNode) -> Optional[torch.dtype]:
-    """The autocast dtype when ``SOLVER.AMP.ENABLED``, else None; a clear error where AMP cannot run.
-
-    Mixed precision is CUDA-only here: on CPU, enabling it is an error rather than a silent no-op.
+    Without ``iteration`` (``--eval-only``): the file the checkpointer loaded and the iteration stored in
+    it (None for weights without one). With it (during training): that iteration, and the last
+    checkpoint file only when it holds exactly these weights (else None: not saved at that iteration).
     """
-    if not cfg.SOLVER.AMP.ENABLED:
-        return None
-    device = torch.device(cfg.MODEL.DEVICE)
-    if device.type != "cuda":
-        raise ValueError(f"SOLVER.AMP.ENABLED=True needs MODEL.DEVICE cuda, got {cfg.MODEL.DEVICE!r}: "
-                         "mixed precision training is CUDA-only; set SOLVER.AMP.ENABLED False on CPU")
-    name = str(cfg.SOLVER.AMP.DTYPE).lower()
-    if name not in _AMP_DTYPES:
-        raise ValueError(f"SOLVER.AMP.DTYPE={cfg.SOLVER.AMP.DTYPE!r}: expected one of {sorted(_AMP_DTYPES)}")
-    if name == "bfloat16" and not torch.cuda.is_bf16_supported():
-        raise ValueError("SOLVER.AMP.DTYPE='bfloat16' is not supported by this GPU; use float16")
-    return _AMP_DTYPES[name]
-
-
-class GemAMPTrainer(SimpleTrainer):
-    """Mixed-precision step on CUDA with a chosen dtype (detectron2 v0.6's AMPTrainer is float16 only).
-
-    float16 uses a gradient scaler; bfloat16 needs none. Gradients are unscaled before
-    ``optimizer.step`` so that gradient clipping inside the step sees their true norm.
-    """
-
-    def __init__(self, model, data_loader, optimizer, dtype: torch.dtype = torch.float16):
-        super().__init__(model, data_loader, optimizer)
-        self.dtype = dtype
-        self.grad_scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-
-    def run_step(self):
-        assert self.model.training, "[GemAMPTrainer] model was changed to eval mode!"
-        start = time.perf_counter()
-        data = next(self._data_loader_iter)
-        data_time = time.perf_counter() - start
-        with torch.autocast(device_type="cuda", dtype=self.dtype):
-            loss_dict = self.model(data)
-            if isinstance(loss_dict, torch.Tensor):
-                losses, loss_dict = loss_dict, {"total_loss": loss_dict}
-            else:
-                losses = sum(loss_dict.values())
-        self.optimizer.zero_grad()
-        self.grad_scaler.scale(losses).backward()
-        self._write_metrics(loss_dict, data_time)
-        self.grad_scaler.unscale_(self.optimizer)
-        self.grad_scaler.step(self.optimizer)
-        self.grad_scaler.update()
-
-    def state_dict(self):
-        ret = super().state_dict()
-        ret["grad_scaler"] = self.grad_scaler.state_dict()
-        return ret
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        if "grad_scaler" in state_dict:
-            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+    last = checkpointer.last_checkpoint
+    if iteration is None:
+        return {"iteration": last[1] if last else None, "checkpoint": last[0] if last else None}
+    return {"iteration": int(iteration), "checkpoint": last[0] if last and last[1] == iteration else None}
 
 
 class GemTrainer(DefaultTrainer):
@@ -95,11 +48,17 @@ class GemTrainer(DefaultTrainer):
 
     Differences from detectron2's: gem_d2's multi-dataset loaders and per-dataset UODB evaluators;
     ``test`` evaluates every ``DATASETS.TEST`` dataset and writes the summary table
-    (``results_table.md``/``results.json``) into ``OUTPUT_DIR``; AdamW with a backbone LR multiplier
-    (:func:`build_gem_optimizer`); DDP that also works on CPU (gloo); AMP with float16/bfloat16 on
-    CUDA; :class:`GemCheckpointer` (GEM mapping in every checkpoint, atomic writes);
-    optimizer (and grad scaler) state saved and restored on ``--resume``; routing statistics in the
-    event storage and a ``training_curves.png`` at the end.
+    (``results_table.md``/``results.json``, with the iteration and checkpoint evaluated) into
+    ``OUTPUT_DIR``; AdamW with a backbone LR multiplier (:func:`build_gem_optimizer`); DDP that also
+    works on CPU (gloo); AMP with float16/bfloat16 on CUDA; :class:`GemCheckpointer` (GEM mapping,
+    label space and layout in every checkpoint, atomic writes); optimizer (and grad scaler) state
+    saved and restored on ``--resume``; routing statistics in the event storage and a
+    ``training_curves.png`` at the end.
+
+    Divergence (a NaN/inf loss, or NaN/inf weights when a checkpoint is due) raises
+    :class:`TrainingDivergedError` naming the iteration and the values; from then on the checkpointer
+    refuses to save, and a loop that did not finish (error or Ctrl-C) runs no final evaluation or save,
+    so ``last_checkpoint`` keeps naming the last good checkpoint.
 
     The config must already hold the resolved GEM mapping (see ``resolve_gem_mapping``).
     """
@@ -115,7 +74,7 @@ class GemTrainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
         if dtype is None:
-            self._trainer = SimpleTrainer(model, data_loader, optimizer)
+            self._trainer = GemSimpleTrainer(model, data_loader, optimizer)
         else:
             self._trainer = GemAMPTrainer(model, data_loader, optimizer, dtype)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -123,11 +82,15 @@ class GemTrainer(DefaultTrainer):
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
+        self.diverged: Optional[str] = None
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self) -> List[d2_hooks.HookBase]:
-        """detectron2's hooks plus routing statistics (before the writer) and the curve plot (after it)."""
+        """detectron2's hooks plus routing statistics (before the writer) and the curve plot (after it); the
+        evaluation hook records where its results come from (:meth:`results_source`)."""
         ret = [h for h in super().build_hooks() if h is not None]
+        ret = [d2_hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_and_save_results)
+               if isinstance(h, d2_hooks.EvalHook) else h for h in ret]
         routing = RoutingStatsHook(20, _train_dataset_names(self.cfg), self.cfg.OUTPUT_DIR)
         writer_at = next((i for i, h in enumerate(ret) if isinstance(h, d2_hooks.PeriodicWriter)), len(ret))
         ret.insert(writer_at, routing)
@@ -138,6 +101,50 @@ class GemTrainer(DefaultTrainer):
             ret.append(TrainingCurvesHook(self.cfg.OUTPUT_DIR))
         return ret
 
+    def _test_and_save_results(self):
+        self._last_eval_results = self.test(self.cfg, self.model, source=self.results_source())
+        return self._last_eval_results
+
+    def results_source(self) -> Dict[str, Any]:
+        """``{"iteration", "checkpoint"}`` of the weights now in the model (the last finished iteration)."""
+        return results_source(self.checkpointer, min(self.iter, self.max_iter - 1))
+
+    # ------------------------------------------------------------------------------------- divergence
+    def run_step(self):
+        try:
+            super().run_step()
+        except FloatingPointError as e:  # detectron2's non-finite loss (GemSimpleTrainer names the values)
+            self._stop_diverged(e)
+        except Exception as e:
+            bad = non_finite_parameters(unwrap_model(self.model))
+            if bad:  # e.g. the matcher refusing NaN predictions: the weights diverged in the previous step
+                self._stop_diverged(e, f"the model has non-finite parameters ({', '.join(bad[:3])} ...); {e}")
+            raise
+
+    def after_step(self):
+        try:
+            super().after_step()
+        except FloatingPointError as e:  # a checkpoint of non-finite weights was refused
+            self._stop_diverged(e)
+
+    def _stop_diverged(self, error: BaseException, what: Optional[str] = None):
+        self.diverged = f"training diverged at iteration {self.iter}: {what or error}"
+        self.checkpointer.refuse_saves(self.diverged)
+        path = self.checkpointer.get_checkpoint_file() if self.checkpointer.save_dir else ""
+        kept = f"{self.cfg.OUTPUT_DIR}/last_checkpoint still names {path}" if path else "this run has no checkpoint"
+        raise TrainingDivergedError(
+            f"{self.diverged}\nNothing was saved or tagged after it: {kept}. Lower "
+            "SOLVER.BASE_LR (or enable SOLVER.CLIP_GRADIENTS) before --resume.") from error
+
+    def after_train(self):
+        if self.iter >= self.max_iter:  # the loop finished (detectron2 increments iter past the last step)
+            return super().after_train()
+        self.storage.iter = self.iter
+        for h in self._hooks:
+            if not isinstance(h, _SKIPPED_AFTER_FAILURE):
+                h.after_train()
+
+    # ------------------------------------------------------------------------------------------ state
     def state_dict(self):
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()
@@ -167,11 +174,14 @@ class GemTrainer(DefaultTrainer):
         return gem_evaluation.build_uodb_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
-    def test(cls, cfg, model, evaluators: Optional[List[DatasetEvaluator]] = None) -> Dict[str, dict]:
+    def test(cls, cfg, model, evaluators: Optional[List[DatasetEvaluator]] = None,
+             source: Optional[Dict[str, Any]] = None) -> Dict[str, dict]:
         """Evaluate ``model`` on every ``DATASETS.TEST`` dataset; the main process writes the summary table.
 
-        Returns ``{dataset: evaluator result}`` (never collapsed to one dataset's dict, unlike
-        detectron2's, so the keys in metrics.json are always ``<dataset>/uodb/<metric>``).
+        ``source`` (``{"iteration", "checkpoint"}``, see :func:`results_source`) is recorded in
+        ``results.json`` and every ``uodb_metrics_<dataset>.json``. Returns ``{dataset: evaluator result}``
+        (never collapsed to one dataset's dict, unlike detectron2's, so the keys in metrics.json are
+        always ``<dataset>/uodb/<metric>``).
         """
         if isinstance(evaluators, DatasetEvaluator):
             evaluators = [evaluators]
@@ -184,12 +194,14 @@ class GemTrainer(DefaultTrainer):
         for idx, name in enumerate(cfg.DATASETS.TEST):
             loader = cls.build_test_loader(cfg, name)
             evaluator = evaluators[idx] if evaluators is not None else cls.build_evaluator(cfg, name)
+            if isinstance(evaluator, gem_evaluation.UODBEvaluator):
+                evaluator.source = source
             results[name] = inference_on_dataset(model, loader, evaluator)
             if comm.is_main_process():
                 logger.info(f"Evaluation results for {name} in csv format:")
                 print_csv_format(results[name])
         if comm.is_main_process() and results:
-            gem_evaluation.summarize_results(results, cfg.OUTPUT_DIR)  # prints the table
+            gem_evaluation.summarize_results(results, cfg.OUTPUT_DIR, source=source)  # prints the table
             logger.info(f"Per-dataset results table written to {os.path.join(cfg.OUTPUT_DIR, 'results_table.md')}")
         return results
 

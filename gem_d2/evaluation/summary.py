@@ -5,7 +5,7 @@ import json
 import math
 import os
 from collections import OrderedDict
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from gem_d2.evaluation.uodb_evaluator import RESULT_KEY, json_safe
 from gem_d2.utils.files import atomic_write_text
@@ -34,13 +34,17 @@ def _fmt(x: float) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.2f}"
 
 
-def summarize_results(results: Mapping[str, Mapping], output_dir: Optional[str] = None) -> str:
+def summarize_results(results: Mapping[str, Mapping], output_dir: Optional[str] = None,
+                      source: Optional[Mapping[str, Any]] = None) -> str:
     """Tabulate per-dataset UODB metrics and their unweighted mean over datasets.
 
     Args:
         results: dataset name -> that dataset's ``UODBEvaluator`` result (``{"uodb": metrics}``)
             or the metrics mapping itself; values in percent.
         output_dir: if given, ``results_table.md`` and ``results.json`` are written there atomically.
+        source: where the evaluated weights come from, recorded as ``"source"`` in ``results.json``:
+            ``{"iteration": the iteration stored with them, "checkpoint": the file holding them}`` (see
+            ``gem_d2.engine.trainer.results_source``); None when unknown.
     Returns:
         The Markdown table (also printed). The average of a column is ``n/a`` when any dataset lacks a
         finite value for it, since a mean over fewer datasets would not be the benchmark score.
@@ -70,6 +74,7 @@ def summarize_results(results: Mapping[str, Mapping], output_dir: Optional[str] 
             "metrics": dict(COLUMNS),
             "average": average,
             "datasets": {name: dict(m) for name, m in per_dataset.items()},
+            "source": None if source is None else dict(source),
         }
         atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(json_safe(payload), indent=2) + "\n")
     return table

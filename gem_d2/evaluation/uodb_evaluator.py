@@ -122,7 +122,8 @@ class UODBEvaluator(DatasetEvaluator):
         """
         Args:
             dataset_name: a name registered in ``DatasetCatalog`` with ``thing_classes`` metadata.
-            output_dir: if given, the metrics are also written to ``uodb_metrics_<dataset>.json`` there.
+            output_dir: if given, the metrics are also written to ``uodb_metrics_<dataset>.json`` there, with
+                ``"source"``: the attribute :attr:`source` (``{"iteration", "checkpoint"}`` of the weights).
             distributed: gather predictions from all ranks before evaluating.
             max_dets_per_image: COCO AP's detection cap (COCOeval ``maxDets``, which pycocotools applies
                 per image *and class*); VOC07 AP uses all detections.
@@ -149,6 +150,9 @@ class UODBEvaluator(DatasetEvaluator):
         self._compute_coco = compute_coco
         self._pixel_inclusive = (meta.get("json_file", None) is None) if pixel_inclusive is None else pixel_inclusive
         self._gt = _load_ground_truth(dataset_name, len(self._class_names))
+        # where the evaluated weights come from ({"iteration", "checkpoint"}; GemTrainer.test sets it),
+        # recorded as "source" in uodb_metrics_<dataset>.json
+        self.source: Optional[dict] = None
         self.reset()
 
     def reset(self) -> None:
@@ -202,7 +206,8 @@ class UODBEvaluator(DatasetEvaluator):
         metrics = self._compute(predictions)
         if self._output_dir:
             path = os.path.join(self._output_dir, f"uodb_metrics_{self._dataset_name}.json")
-            atomic_write_text(path, json.dumps(json_safe(metrics), indent=2) + "\n")
+            payload = OrderedDict(metrics, source=None if self.source is None else dict(self.source))
+            atomic_write_text(path, json.dumps(json_safe(payload), indent=2) + "\n")
         return OrderedDict([(RESULT_KEY, metrics)])
 
     def _compute(self, predictions: List[dict]) -> OrderedDict[str, float]:

@@ -249,7 +249,8 @@ def test_coco_duplicate_annotation_ids_are_named_as_such(tmp_path, registered_na
 def test_coco_load_stats_in_metadata_and_summary(tmp_path, registered_names):
     anns = [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [NAN, 2, 10, 20]},
             {"id": 2, "image_id": 1, "category_id": 3, "bbox": [60, 2, 10, 20]},
-            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [1, 2, 0, 20]}]
+            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [1, 2, 0, 20]},
+            {"id": 4, "image_id": 99, "category_id": 1, "bbox": [1, 2, 10, 20]}]
     json_file, root = _coco(tmp_path, annotations=anns)
     registered_names.append("t_cstats_train")
     register_coco_dataset("t_cstats_train", json_file, root)
@@ -261,5 +262,8 @@ def test_coco_load_stats_in_metadata_and_summary(tmp_path, registered_names):
     st = meta.load_stats
     assert (st.loaded, st.images, st.boxes, st.dropped_nonfinite, st.clipped, st.dropped_degenerate) == (
         True, 2, 1, 1, 1, 1)
-    row = next(line for line in summarize_datasets(["t_cstats_train"]).splitlines() if "t_cstats_train" in line)
-    assert [c.strip() for c in row.strip("|").split("|")][1:] == ["2", "1", "0", "2", "0", "1", "1"]
+    assert st.dropped_no_image == 1
+    header, _, row = summarize_datasets(["t_cstats_train"]).splitlines()
+    assert [c.strip() for c in header.strip("|").split("|")][5:] == [
+        "dropped unknown", "clipped", "dropped degenerate", "dropped non-finite", "dropped no image"]
+    assert [c.strip() for c in row.strip("|").split("|")][1:] == ["2", "1", "0", "2", "0", "1", "1", "1", "1"]

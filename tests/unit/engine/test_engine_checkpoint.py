@@ -12,6 +12,7 @@ from torch import nn
 import gem_d2.engine.planning
 from gem_d2.config import add_gem_config
 from gem_d2.engine import GemCheckpointer, MappingMismatchError, read_checkpoint_mapping, resolve_gem_mapping
+from gem_d2.engine.checkpoint_records import CheckpointLayoutError
 from gem_d2.planner.mapping import GemMapping
 from gem_d2.utils.files import atomic_write
 
@@ -111,7 +112,7 @@ def test_loading_a_checkpoint_with_another_mapping_is_an_error_naming_both(tmp_p
     with pytest.raises(MappingMismatchError, match=r"mapping: \[\[1\], \[0\]\] vs \[\[0\], \[1\]\]"):
         GemCheckpointer.from_config(cfg_b, _model(1), save_dir="").load(path)
     cfg_c = _cfg(tmp_path, num_experts=4)
-    with pytest.raises(MappingMismatchError, match="num_experts: 4 vs 2"):
+    with pytest.raises(CheckpointLayoutError, match="NUM_EXPERTS: 4 vs 2"):
         GemCheckpointer.from_config(cfg_c, _model(1), save_dir="").load(path)
 
     # the same check before the model is built (tools/train_net.py's setup)

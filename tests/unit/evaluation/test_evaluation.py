@@ -157,7 +157,11 @@ def test_evaluator_edge_cases(registry, tmp_path):
     assert res["AP50_voc07"] == pytest.approx(100 / 3)
     assert res["AP"] == pytest.approx(100.0) and res["AP75"] == pytest.approx(100.0)
     saved = json.loads((tmp_path / f"uodb_metrics_{name}.json").read_text())
-    assert saved["AP50_voc07"] == pytest.approx(100 / 3)
+    assert saved["AP50_voc07"] == pytest.approx(100 / 3) and saved["source"] is None
+    ev.source = {"iteration": 7, "checkpoint": "/runs/a/model_0000007.pth"}  # set by GemTrainer.test
+    _run(ev, {})
+    saved = json.loads((tmp_path / f"uodb_metrics_{name}.json").read_text())
+    assert saved["source"] == {"iteration": 7, "checkpoint": "/runs/a/model_0000007.pth"}
     print_csv_format({"uodb": res})  # detectron2's printer accepts the flat layout
     fast = _run(UODBEvaluator(name, compute_coco=False), {"a": ([[0, 0, 9, 9]], [0.9], [0])})["uodb"]
     assert fast["AP50_voc07"] == pytest.approx(100 / 3) and math.isnan(fast["AP"])
@@ -399,6 +403,9 @@ def test_summary_table_and_files(tmp_path):
     assert (tmp_path / "results_table.md").read_text() == table
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["average"]["AP50_voc07"] == 70.5 and saved["datasets"]["kitti"]["AP50_voc07-car"] == 60.0
+    assert saved["source"] is None  # not told where the weights come from
+    summarize_results({"kitti": a}, output_dir=str(tmp_path), source={"iteration": 3, "checkpoint": "/r/m.pth"})
+    assert json.loads((tmp_path / "results.json").read_text())["source"] == {"iteration": 3, "checkpoint": "/r/m.pth"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
     # A missing value makes the average n/a (a mean over fewer datasets is not the benchmark score).
