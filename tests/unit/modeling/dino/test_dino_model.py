@@ -16,6 +16,7 @@ from detectron2.structures import Boxes, Instances
 
 from gem_d2 import model_zoo
 from gem_d2.data.label_space import UnifiedLabelSpace
+from gem_d2.layers.box_ops import inverse_sigmoid
 from gem_d2.layers.neck import ChannelMapper
 from gem_d2.layers.position_encoding import PositionEmbeddingSine, box_sine_embedding
 from gem_d2.modeling.dino.denoising import prepare_cdn
@@ -207,26 +208,41 @@ def test_look_forward_twice_gradient_reaches_previous_box_head_only_with_lft(lft
     assert grad_two_back is None or grad_two_back.abs().sum() == 0
 
 
-def test_refined_reference_is_the_previous_prediction():
-    """The reference of layer i+1 equals layer i's output box (same value, look forward twice or not)."""
-    tr = _tiny_transformer()
+@pytest.mark.parametrize("lft", [True, False])
+def test_decoder_refines_from_raw_output_and_predicts_from_normed_output(lft):
+    """The references' semantics: r_i = sigmoid(box_head_i(o_i) + logit(b_i)) from the raw output o_i is the
+    next reference; box_i = sigmoid(box_head_i(norm(o_i)) + logit(p_i)) with p_i = r_{i-1} (or b_0 at layer
+    0); logits_i = class_head_i(norm(o_i))."""
+    tr = _tiny_transformer(look_forward_twice=lft)
     _randomise_heads(tr)
+    with torch.no_grad():  # the layers end in a LayerNorm: at init norm(o_i) ~ o_i, so train the final norm a bit
+        tr.decoder.norm.weight.uniform_(0.5, 1.5)
+        tr.decoder.norm.bias.normal_(0, 0.3)
     feats, masks, pos = _tiny_inputs()
-    seen = []
-    layer = tr.decoder.layers[1]
-    orig = layer.forward
-
-    def spy(tgt, query_pos, reference_points, *args):
-        seen.append(reference_points)
-        return orig(tgt, query_pos, reference_points, *args)
-
-    layer.forward = spy
+    raw, refs = [], []
+    for layer in tr.decoder.layers:
+        layer.register_forward_pre_hook(lambda m, args: refs.append(args[2]))
+        layer.register_forward_hook(lambda m, args, out: raw.append(out))
     ratios = torch.stack([valid_ratios(m) for m in masks], 1)
+    ratios4 = torch.cat([ratios, ratios], -1)[:, None]
     blocks = torch.tensor([[0, 3], [3, 6]])
     out = tr(feats, masks, pos, class_block_masks(blocks, CLASSES), RoutingContext(dataset_ids=torch.tensor([0, 1])))
-    expected = out["boxes"][0][:, :, None] * torch.cat([ratios, ratios], -1)[:, None]
-    torch.testing.assert_close(seen[0], expected)
-    assert not seen[0].requires_grad
+    dec = tr.decoder
+    b = p = out["enc_boxes"].detach()
+    with torch.no_grad():
+        torch.testing.assert_close(refs[0], b[:, :, None] * ratios4)
+        for i in range(3):
+            h = dec.norm(raw[i])
+            torch.testing.assert_close(out["logits"][i], dec.class_heads[i](h))
+            torch.testing.assert_close(out["boxes"][i], (dec.box_heads[i](h) + inverse_sigmoid(p)).sigmoid())
+            if i < 2:
+                r = (dec.box_heads[i](raw[i]) + inverse_sigmoid(b)).sigmoid()
+                torch.testing.assert_close(refs[i + 1], r[:, :, None] * ratios4)
+                assert not refs[i + 1].requires_grad
+                # two deltas: the prediction is not the next reference
+                assert (out["boxes"][i] - r).abs().max() > 1e-4
+                b = r
+                p = r
 
 
 def test_two_stage_topk_respects_class_blocks_in_the_transformer():
