@@ -155,7 +155,8 @@ class DeformableDecoder(nn.Module):
     Args:
         layers: the decoder layers.
         d_model: ``C``; num_classes: ``K``.
-        pe_temperature: temperature of the reference-box sine embedding (the references: 10000).
+        query_pe_temperature: temperature of the reference-box sine embedding of the queries
+            (``MODEL.DINO.QUERY_PE_TEMPERATURE``; both references fix it at 10000).
         look_forward_twice: see above.
         class_blocks: the label space's ``(start, stop)`` blocks (see ``BlockwiseLinear``).
         share_class_head, share_box_head: one class (box) head for every layer (IDEA-Research/DINO's
@@ -164,7 +165,7 @@ class DeformableDecoder(nn.Module):
     """
 
     def __init__(self, layers: Sequence[DeformableDecoderLayer], d_model: int, num_classes: int,
-                 pe_temperature: float = 10000.0, look_forward_twice: bool = True,
+                 query_pe_temperature: float = 10000.0, look_forward_twice: bool = True,
                  class_blocks: Sequence[Sequence[int]] = (), share_class_head: bool = False,
                  share_box_head: bool = False):
         super().__init__()
@@ -172,7 +173,9 @@ class DeformableDecoder(nn.Module):
             raise ValueError(f"MODEL.DINO.HIDDEN_DIM={d_model} must be even (sine embedding uses C/2 per coordinate)")
         self.layers = nn.ModuleList(layers)
         self.d_model = d_model
-        self.pe_temperature = pe_temperature
+        if not query_pe_temperature > 0:
+            raise ValueError(f"MODEL.DINO.QUERY_PE_TEMPERATURE must be > 0, got {query_pe_temperature!r}")
+        self.query_pe_temperature = float(query_pe_temperature)
         self.look_forward_twice = look_forward_twice
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.norm = nn.LayerNorm(d_model)
@@ -215,7 +218,7 @@ class DeformableDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             ref_input = reference[:, :, None] * ratios4
             query_pos = self.ref_point_head(
-                box_sine_embedding(ref_input[:, :, 0], self.d_model // 2, self.pe_temperature))
+                box_sine_embedding(ref_input[:, :, 0], self.d_model // 2, self.query_pe_temperature))
             ctx.query_labels = labels
             tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, level_start_index, memory_padding_mask,
                         self_attn_mask, ctx)
@@ -351,13 +354,15 @@ class DINOTransformer(nn.Module):
 def build_dino_transformer(d_model: int = 256, n_heads: int = 8, d_ffn: int = 2048, enc_layers: int = 6,
                            dec_layers: int = 6, num_levels: int = 4, enc_points: int = 4, dec_points: int = 4,
                            num_queries: int = 900, num_classes: int = 91, dropout: float = 0.0,
-                           activation: str = "relu", pe_temperature: float = 10000.0,
+                           activation: str = "relu", query_pe_temperature: float = 10000.0,
                            look_forward_twice: bool = True, moe: Optional[MoESpec] = None,
-                           class_blocks: Sequence[Sequence[int]] = ()) -> DINOTransformer:
+                           class_blocks: Sequence[Sequence[int]] = (), share_class_head: bool = False,
+                           share_box_head: bool = False) -> DINOTransformer:
     """Build a :class:`DINOTransformer`; layer ``i``'s FFN comes from ``build_ffn("encoder.i"/"decoder.i", ...)``.
 
     ``class_blocks``: the label space's ``(start, stop)`` blocks; every class head computes one matmul per block
-    (see :class:`~gem_d2.layers.blockwise_linear.BlockwiseLinear`)."""
+    (see :class:`~gem_d2.layers.blockwise_linear.BlockwiseLinear`). ``share_class_head``/``share_box_head``:
+    one decoder head for all layers (see :class:`DeformableDecoder`); the encoder's heads are always its own."""
     for key, v in (("HIDDEN_DIM", d_model), ("NHEADS", n_heads), ("DIM_FEEDFORWARD", d_ffn),
                    ("ENC_LAYERS", enc_layers), ("DEC_LAYERS", dec_layers), ("NUM_FEATURE_LEVELS", num_levels),
                    ("ENC_N_POINTS", enc_points), ("DEC_N_POINTS", dec_points), ("NUM_QUERIES", num_queries),
@@ -379,6 +384,7 @@ def build_dino_transformer(d_model: int = 256, n_heads: int = 8, d_ffn: int = 20
     dec = DeformableDecoder([
         DeformableDecoderLayer(d_model, n_heads, num_levels, dec_points,
                                build_ffn(f"decoder.{i}", d_model, d_ffn, dropout, activation, moe), dropout)
-        for i in range(dec_layers)], d_model, num_classes, pe_temperature, look_forward_twice, class_blocks)
+        for i in range(dec_layers)], d_model, num_classes, query_pe_temperature, look_forward_twice, class_blocks,
+        share_class_head, share_box_head)
     return DINOTransformer(enc, dec, d_model, num_levels, num_queries, num_classes, class_blocks)
 
