@@ -269,7 +269,9 @@ class DINOTransformer(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        # Xavier on the attention/projection weights as the reference; MoE banks keep their own init.
+        # Xavier on every >1-d weight as the references. MoE FFNs are skipped: their experts are already
+        # Xavier-initialised per expert matrix by ExpertBank (the dense FFN's distribution), and routers keep
+        # the initialisation of their own method (e.g. MoE++'s zero gating residual).
         for layer in list(self.encoder.layers) + list(self.decoder.layers):
             for name, child in layer.named_children():
                 if name != "ffn" or isinstance(child, FFN):
