@@ -124,6 +124,10 @@ def _add_data(cfg: CN) -> None:
     s.TEST_IMAGES_PER_DOMAIN = 30  # test images per domain
     s.IMAGE_SIZE = 256  # generated image side in pixels
     s.SEED = 0  # generator seed
+    cfg.INPUT.CROP_BRANCH = b = CN()  # DINO's random choice between resize-only and resize-crop-resize
+    b.PROB = 0.0  # probability of the crop branch per training image (DINO/DETR 0.5, set by Base-GEM-DINO.yaml)
+    b.RESIZE_SHORT = (400, 500, 600)  # crop branch: short side first resized to one of these (no long-side cap)
+    b.SIZE = (384, 600)  # crop branch: crop height and width each uniform in [min, min(max, side)]
     cfg.DATALOADER.DATASET_TEMPERATURE = 1.0  # dataset sampling weight = size^T (1 proportional, 0 uniform)
     cfg.DATALOADER.ONE_DATASET_PER_BATCH = False  # every batch from one dataset (Universal-DA style)
 
