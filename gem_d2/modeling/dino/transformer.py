@@ -4,8 +4,8 @@ Shapes: ``N`` images, ``C`` channels, ``L`` feature levels, ``S = sum_l H_l W_l`
 ``Q`` matching queries, ``pad`` denoising queries (prepended), ``K`` classes of the unified label
 space, ``D`` decoder layers. Boxes are normalised ``(cx, cy, w, h)``; "unact" means before the sigmoid.
 
-Every encoder/decoder FFN is built by :func:`gem_d2.modeling.ffn.build_ffn` and called as
-``ffn(x, ctx)`` with a :class:`~gem_d2.modeling.ffn.RoutingContext` that this module keeps up to
+Every encoder/decoder FFN is built by :func:`gem_d2.modeling.moe.layer.build_ffn` and called as
+``ffn(x, ctx)`` with a :class:`~gem_d2.modeling.moe.context.RoutingContext` that this module keeps up to
 date: the encoder sets ``ctx.key_padding_mask`` (and clears the decoder fields); the decoder sets
 ``ctx.segments`` and ``ctx.query_labels`` before each layer (and clears the padding mask).
 """
