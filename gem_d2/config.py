@@ -41,7 +41,13 @@ def _add_dino(cfg: CN) -> None:
     d.ENC_N_POINTS = 4  # deformable sampling points per level (encoder)
     d.DEC_N_POINTS = 4  # deformable sampling points per level (decoder)
     d.NUM_QUERIES = 900  # two-stage top-K proposals = decoder queries
-    d.PE_TEMPERATURE = 10000  # sine position embedding temperature
+    d.PE_TEMPERATURE = 10000  # feature-map sine embedding temperature (detrex 10000; IDEA-Research/DINO 20)
+    d.PE_OFFSET = -0.5  # added to the 1-based pixel index before normalising (detrex -0.5; IDEA-Research/DINO 0)
+    d.PE_NORMALIZE = True  # feature-map positions as fractions of the valid extent times PE_SCALE (both: True)
+    d.PE_SCALE = 6.283185307179586  # 2*pi: scale of the normalised feature-map positions (both references)
+    d.QUERY_PE_TEMPERATURE = 10000  # temperature of the decoder queries' reference-box sine embedding (both: 10000)
+    d.SHARE_CLASS_HEAD = False  # one class head for all decoder layers (IDEA-Research/DINO True; detrex False)
+    d.SHARE_BOX_HEAD = False  # one box head for all decoder layers (IDEA-Research/DINO True; detrex False)
     d.NUM_CLASSES = 0  # size of the unified label space; 0 = derived from DATASETS.TRAIN blocks
     d.DN_NUMBER = 100  # denoising queries (split into groups of 2 x max objects)
     d.DN_LABEL_NOISE_RATIO = 0.5  # probability of flipping a DN query's label
@@ -119,6 +125,10 @@ def _add_data(cfg: CN) -> None:
     s.TEST_IMAGES_PER_DOMAIN = 30  # test images per domain
     s.IMAGE_SIZE = 256  # generated image side in pixels
     s.SEED = 0  # generator seed
+    cfg.INPUT.CROP_BRANCH = b = CN()  # DINO's random choice between resize-only and resize-crop-resize
+    b.PROB = 0.0  # probability of the crop branch per training image (DINO/DETR 0.5, set by Base-GEM-DINO.yaml)
+    b.RESIZE_SHORT = (400, 500, 600)  # crop branch: short side first resized to one of these (no long-side cap)
+    b.SIZE = (384, 600)  # crop branch: crop height and width each uniform in [min, min(max, side)]
     cfg.DATALOADER.DATASET_TEMPERATURE = 1.0  # dataset sampling weight = size^T (1 proportional, 0 uniform)
     cfg.DATALOADER.ONE_DATASET_PER_BATCH = False  # every batch from one dataset (Universal-DA style)
 

@@ -1,6 +1,10 @@
-"""GemDatasetMapper: detectron2's DatasetMapper plus the dataset identity and unified labels gem_d2 needs."""
+"""GemDatasetMapper: detectron2's DatasetMapper plus the dataset identity and unified labels gem_d2 needs.
+
+Training augmentation is DETR's/DINO's (:func:`build_train_augmentation`), as detectron2 augmentations.
+"""
 import copy
-from typing import Dict, Optional
+import sys
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -55,15 +59,75 @@ def read_image_checked(file_name: str, format: Optional[str] = None):
         raise ImageReadError(f"cannot read image {file_name}: {e}") from e
 
 
+class RandomBranch(T.Augmentation):
+    """Apply the augmentations of ``second`` with probability ``prob``, else those of ``first``.
+
+    DETR's ``RandomSelect(first, second, p)`` with ``p = 1 - prob``; one uniform draw from numpy's global
+    generator (as every detectron2 augmentation) picks the branch. Returns the chosen branch's transforms.
+    """
+
+    def __init__(self, first: Sequence[T.Augmentation], second: Sequence[T.Augmentation], prob: float):
+        super().__init__()
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"RandomBranch prob must be in [0, 1], got {prob!r}")
+        self.first = T.AugmentationList(list(first))
+        self.second = T.AugmentationList(list(second))
+        self.prob = float(prob)
+
+    def __call__(self, aug_input) -> T.Transform:
+        branch = self.second if self._rand_range() < self.prob else self.first
+        return branch(aug_input)
+
+
+def build_train_augmentation(cfg) -> List[T.Augmentation]:
+    """DETR's/DINO's training augmentation from ``cfg.INPUT``.
+
+    Random flip (``INPUT.RANDOM_FLIP``), then with probability ``1 - INPUT.CROP_BRANCH.PROB`` the
+    multi-scale resize alone (short side from ``INPUT.MIN_SIZE_TRAIN`` by ``MIN_SIZE_TRAIN_SAMPLING``,
+    long side at most ``INPUT.MAX_SIZE_TRAIN``), else: resize the short side to one of
+    ``INPUT.CROP_BRANCH.RESIZE_SHORT`` (no long-side limit), crop a random region whose height and width
+    are each drawn uniformly from ``[SIZE[0], min(SIZE[1], side)]`` (DETR's ``RandomSizeCrop``; detectron2's
+    ``absolute_range`` crop) at a uniform position, then the same multi-scale resize. DINO/DETR: ``PROB``
+    0.5, ``RESIZE_SHORT`` (400, 500, 600), ``SIZE`` (384, 600). Boxes follow through detectron2's transforms.
+    """
+    inp = cfg.INPUT
+    if inp.CROP.ENABLED:
+        raise ValueError("INPUT.CROP is not used by gem_d2's dataset mapper (it would crop every image before the "
+                         "resize); DINO's crop branch is INPUT.CROP_BRANCH.PROB / RESIZE_SHORT / SIZE. Set "
+                         "INPUT.CROP.ENABLED False")
+    branch = inp.CROP_BRANCH
+    prob = float(branch.PROB)
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"INPUT.CROP_BRANCH.PROB must be in [0, 1], got {branch.PROB!r}")
+    augs: List[T.Augmentation] = []
+    if inp.RANDOM_FLIP != "none":
+        augs.append(T.RandomFlip(horizontal=inp.RANDOM_FLIP == "horizontal", vertical=inp.RANDOM_FLIP == "vertical"))
+    resize = T.ResizeShortestEdge(inp.MIN_SIZE_TRAIN, inp.MAX_SIZE_TRAIN, inp.MIN_SIZE_TRAIN_SAMPLING)
+    if prob == 0.0:
+        return augs + [resize]
+    shorts = tuple(int(v) for v in branch.RESIZE_SHORT)
+    size = tuple(int(v) for v in branch.SIZE)
+    if not shorts or min(shorts) <= 0:
+        raise ValueError(f"INPUT.CROP_BRANCH.RESIZE_SHORT must be positive sizes, got {branch.RESIZE_SHORT!r}")
+    if len(size) != 2 or not 0 < size[0] <= size[1]:
+        raise ValueError(f"INPUT.CROP_BRANCH.SIZE must be (min, max) with 0 < min <= max, got {branch.SIZE!r}")
+    crop = [T.ResizeShortestEdge(shorts, sys.maxsize, "choice"), T.RandomCrop("absolute_range", size), resize]
+    if prob == 1.0:
+        return augs + crop
+    return augs + [RandomBranch([resize], crop, prob)]
+
+
 class GemDatasetMapper(DatasetMapper):
-    """Maps a dataset dict like ``DatasetMapper`` (same augmentations) and adds, for every image:
+    """Maps a dataset dict like ``DatasetMapper`` and adds, for every image:
 
     - ``dataset_id`` (int): index of the image's dataset in the label space (test datasets: their domain's);
     - ``dataset_name`` (str) and ``class_block`` ``(start, stop)``: the dataset's classes in the unified space;
     - in training, ``instances.gt_classes`` in unified ids and ``instances.gt_difficult`` (bool).
 
     Records must carry ``dataset_name`` (gem_d2's registrations and loaders add it). Images without objects
-    give empty ``instances``. Detection only: no semantic segmentation or precomputed proposals.
+    give empty ``instances``. Detection only: no semantic segmentation or precomputed proposals. From a
+    config, training uses :func:`build_train_augmentation` (``INPUT.CROP`` is refused) and testing
+    detectron2's test-time resize.
     """
 
     @configurable
@@ -77,7 +141,11 @@ class GemDatasetMapper(DatasetMapper):
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True, label_space: Optional[UnifiedLabelSpace] = None):
+        if is_train:
+            augmentations = build_train_augmentation(cfg)  # first: it refuses INPUT.CROP before d2 reads it
         ret = super().from_config(cfg, is_train)
+        if is_train:
+            ret["augmentations"] = augmentations
         ret["label_space"] = label_space if label_space is not None else UnifiedLabelSpace.from_cfg(cfg)
         return ret
 

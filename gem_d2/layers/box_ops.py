@@ -66,8 +66,10 @@ def paired_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return 1 - generalized_box_iou_loss(boxes1, boxes2, reduction="none", eps=0.0)
 
 
-def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """Logit of ``x`` clamped to [0, 1]; ``eps`` bounds the result to about ``±log(1/eps)``."""
+def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
+    """``log(max(x, eps) / max(1 - x, eps))`` after clamping ``x`` to [0, 1], so the result lies in
+    ``[log(eps), -log(eps)]`` (about ±6.9 with the default). ``eps = 1e-3`` as DINO, Deformable-DETR and
+    detrex: every reference box and DN anchor passes through it, so the clamp is part of the model."""
     if not eps > 0:
         raise ValueError(f"inverse_sigmoid eps must be > 0, got {eps}")
     x = x.clamp(min=0, max=1)

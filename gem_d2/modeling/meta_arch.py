@@ -119,9 +119,12 @@ class GEMDINO(nn.Module):
             d_model=d.HIDDEN_DIM, n_heads=d.NHEADS, d_ffn=d.DIM_FEEDFORWARD, enc_layers=d.ENC_LAYERS,
             dec_layers=d.DEC_LAYERS, num_levels=d.NUM_FEATURE_LEVELS, enc_points=d.ENC_N_POINTS,
             dec_points=d.DEC_N_POINTS, num_queries=d.NUM_QUERIES, num_classes=num_classes, dropout=d.DROPOUT,
-            activation=d.ACTIVATION, pe_temperature=d.PE_TEMPERATURE, moe=moe, class_blocks=dataset_blocks)
+            activation=d.ACTIVATION, query_pe_temperature=d.QUERY_PE_TEMPERATURE, moe=moe,
+            class_blocks=dataset_blocks, share_class_head=d.SHARE_CLASS_HEAD, share_box_head=d.SHARE_BOX_HEAD)
         neck = ChannelMapper([shapes[f].channels for f in d.IN_FEATURES], d.HIDDEN_DIM, d.NUM_FEATURE_LEVELS)
-        dino = DINO(neck, PositionEmbeddingSine(d.HIDDEN_DIM // 2, d.PE_TEMPERATURE), transformer,
+        position_embedding = PositionEmbeddingSine(d.HIDDEN_DIM // 2, d.PE_TEMPERATURE, offset=d.PE_OFFSET,
+                                                   scale=d.PE_SCALE, normalize=d.PE_NORMALIZE)
+        dino = DINO(neck, position_embedding, transformer,
                     dn_number=d.DN_NUMBER, label_noise_ratio=d.DN_LABEL_NOISE_RATIO,
                     box_noise_scale=d.DN_BOX_NOISE_SCALE, aux_loss=d.AUX_LOSS)
         matcher = HungarianMatcher(d.CLASS_COST, d.BBOX_COST, d.GIOU_COST, d.FOCAL_ALPHA, d.FOCAL_GAMMA)

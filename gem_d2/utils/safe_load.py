@@ -20,7 +20,7 @@ import logging
 import os
 import pickle
 import zipfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -161,12 +161,15 @@ def _weights_only_reason(message: str) -> str:
     return lines[-1] if lines else message
 
 
-def load_torch_file(path, mmap: bool = False) -> Any:
+def load_torch_file(path, mmap: bool = False, safe_globals: Sequence[type] = ()) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)``, whatever the file's extension.
 
     Args:
         path: a local file.
         mmap: memory-map tensor storages (zip-format files only; legacy files are read normally).
+        safe_globals: further plain-data classes the file may hold (``torch.serialization.safe_globals``),
+            e.g. ``argparse.Namespace`` for checkpoints that store their command line; such objects are
+            rebuilt by setting their ``__dict__``, no code of theirs runs.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -180,7 +183,8 @@ def load_torch_file(path, mmap: bool = False) -> Any:
         raise FileNotFoundError(f"checkpoint file not found: {path} (expected {_TORCH_EXPECTED})")
     use_mmap = bool(mmap) and zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e):
             raise UnsafePickleError(

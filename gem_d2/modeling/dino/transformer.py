@@ -134,36 +134,57 @@ class DeformableDecoderLayer(nn.Module):
 
 
 class DeformableDecoder(nn.Module):
-    """Decoder layers with per-layer class/box heads and look-forward-twice box refinement.
+    """Decoder layers with class/box heads and look-forward-twice box refinement, as DINO's reference code.
 
-    Layer ``i`` predicts a box delta ``d_i`` (in logit space) from its normalised output and refines
-    its detached reference ``b_{i-1}``: ``b'_i = sigmoid(d_i + logit(b_{i-1}))``; layer ``i+1``'s
-    reference is ``b_i = detach(b'_i)``. Layer ``i``'s output box is ``sigmoid(d_i + logit(b'_{i-1}))``
-    with ``b'_{i-1}`` *un-detached* (look forward twice: layer ``i``'s loss also trains layer ``i-1``'s
-    box head, and no earlier one). Output box and ``b'_i`` have the same value. With
-    ``look_forward_twice=False`` the output box is ``b'_i`` (Deformable-DETR's iterative refinement).
+    With ``o_i`` layer ``i``'s raw output, ``h_i = norm(o_i)`` (one final LayerNorm shared by all
+    layers), ``b_0`` the initial reference (detached) and ``logit`` = :func:`inverse_sigmoid`:
+
+    - refinement, from the RAW output: ``r_i = sigmoid(box_head_i(o_i) + logit(b_i))``; layer ``i+1``'s
+      reference is ``b_{i+1} = detach(r_i)``;
+    - prediction, from the NORMED output: ``logits_i = class_head_i(h_i)`` and
+      ``box_i = sigmoid(box_head_i(h_i) + logit(p_i))`` with ``p_0 = b_0`` and, for ``i > 0``,
+      ``p_i = r_{i-1}`` *un-detached* (look forward twice: layer ``i``'s box loss also trains layer
+      ``i-1``'s box head through ``r_{i-1}``, and no earlier one) or ``p_i = b_i`` with
+      ``look_forward_twice=False``.
+
+    The same box head gives two deltas per layer, so ``box_i`` and the next reference ``r_i`` differ.
+    (IDEA-Research/DINO: the decoder refines with ``bbox_embed[i](output)`` and the detector predicts
+    with ``bbox_embed[i](hs[i])`` on ``references[i]``; detrex's DINO the same.) The last layer's
+    refinement feeds nothing and is skipped.
 
     Args:
         layers: the decoder layers.
         d_model: ``C``; num_classes: ``K``.
-        pe_temperature: temperature of the reference-box sine embedding.
+        query_pe_temperature: temperature of the reference-box sine embedding of the queries
+            (``MODEL.DINO.QUERY_PE_TEMPERATURE``; both references fix it at 10000).
         look_forward_twice: see above.
+        class_blocks: the label space's ``(start, stop)`` blocks (see ``BlockwiseLinear``).
+        share_class_head, share_box_head: one class (box) head for every layer (IDEA-Research/DINO's
+            ``dec_pred_class_embed_share``/``dec_pred_bbox_embed_share``) instead of one per layer (detrex).
+            Shared heads appear under every layer's index in ``class_heads``/``box_heads``.
     """
 
     def __init__(self, layers: Sequence[DeformableDecoderLayer], d_model: int, num_classes: int,
-                 pe_temperature: float = 10000.0, look_forward_twice: bool = True,
-                 class_blocks: Sequence[Sequence[int]] = ()):
+                 query_pe_temperature: float = 10000.0, look_forward_twice: bool = True,
+                 class_blocks: Sequence[Sequence[int]] = (), share_class_head: bool = False,
+                 share_box_head: bool = False):
         super().__init__()
         if d_model % 2:
             raise ValueError(f"MODEL.DINO.HIDDEN_DIM={d_model} must be even (sine embedding uses C/2 per coordinate)")
         self.layers = nn.ModuleList(layers)
         self.d_model = d_model
-        self.pe_temperature = pe_temperature
+        if not query_pe_temperature > 0:
+            raise ValueError(f"MODEL.DINO.QUERY_PE_TEMPERATURE must be > 0, got {query_pe_temperature!r}")
+        self.query_pe_temperature = float(query_pe_temperature)
         self.look_forward_twice = look_forward_twice
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.norm = nn.LayerNorm(d_model)
-        self.class_heads = nn.ModuleList(_class_head(d_model, num_classes, class_blocks) for _ in layers)
-        self.box_heads = nn.ModuleList(_box_head(d_model) for _ in layers)
+        n = len(self.layers)
+        self.share_class_head, self.share_box_head = bool(share_class_head), bool(share_box_head)
+        self.class_heads = nn.ModuleList([_class_head(d_model, num_classes, class_blocks)] * n if share_class_head
+                                         else [_class_head(d_model, num_classes, class_blocks) for _ in range(n)])
+        self.box_heads = nn.ModuleList([_box_head(d_model)] * n if share_box_head
+                                       else [_box_head(d_model) for _ in range(n)])
 
     def forward(self, tgt: Tensor, reference: Tensor, memory: Tensor, memory_padding_mask: Optional[Tensor],
                 spatial_shapes: Tensor, level_start_index: Tensor, ratios: Tensor, self_attn_mask: Optional[Tensor],
@@ -189,6 +210,7 @@ class DeformableDecoder(nn.Module):
         ratios4 = torch.cat([ratios, ratios], -1)[:, None]  # (N, 1, L, 4)
         reference = reference.detach()
         prev_refined = None
+        last = len(self.layers) - 1
         labels = initial_labels
         ctx.key_padding_mask = None
         ctx.segments = segments
@@ -196,23 +218,21 @@ class DeformableDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             ref_input = reference[:, :, None] * ratios4
             query_pos = self.ref_point_head(
-                box_sine_embedding(ref_input[:, :, 0], self.d_model // 2, self.pe_temperature))
+                box_sine_embedding(ref_input[:, :, 0], self.d_model // 2, self.query_pe_temperature))
             ctx.query_labels = labels
             tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, level_start_index, memory_padding_mask,
                         self_attn_mask, ctx)
             hs = self.norm(tgt)
             logits = self.class_heads[i](hs)
-            delta = self.box_heads[i](hs)
-            # refined: this layer's box on the detached reference (gradient only into this head);
-            # the prediction rebases the same delta on the previous layer's un-detached refined box.
-            # Both have the same value; only the gradient paths differ.
-            refined = (delta + inverse_sigmoid(reference)).sigmoid()
+            # prediction: delta from the normed output on the previous layer's un-detached refined box
             base = prev_refined if (self.look_forward_twice and prev_refined is not None) else reference
-            box = (delta + inverse_sigmoid(base)).sigmoid()
+            box = (self.box_heads[i](hs) + inverse_sigmoid(base)).sigmoid()
             all_logits.append(logits)
             all_boxes.append(box)
-            prev_refined = refined
-            reference = refined.detach()
+            if i < last:
+                # refinement: delta from the raw output on the detached reference (gradient into this head only)
+                prev_refined = (self.box_heads[i](tgt) + inverse_sigmoid(reference)).sigmoid()
+                reference = prev_refined.detach()
             labels = masked_class_argmax(logits, class_masks)
             if fixed_labels is not None:
                 labels = torch.where(fixed_labels >= 0, fixed_labels, labels)
@@ -249,7 +269,9 @@ class DINOTransformer(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        # Xavier on the attention/projection weights as the reference; MoE banks keep their own init.
+        # Xavier on every >1-d weight as the references. MoE FFNs are skipped: their experts are already
+        # Xavier-initialised per expert matrix by ExpertBank (the dense FFN's distribution), and routers keep
+        # the initialisation of their own method (e.g. MoE++'s zero gating residual).
         for layer in list(self.encoder.layers) + list(self.decoder.layers):
             for name, child in layer.named_children():
                 if name != "ffn" or isinstance(child, FFN):
@@ -334,13 +356,15 @@ class DINOTransformer(nn.Module):
 def build_dino_transformer(d_model: int = 256, n_heads: int = 8, d_ffn: int = 2048, enc_layers: int = 6,
                            dec_layers: int = 6, num_levels: int = 4, enc_points: int = 4, dec_points: int = 4,
                            num_queries: int = 900, num_classes: int = 91, dropout: float = 0.0,
-                           activation: str = "relu", pe_temperature: float = 10000.0,
+                           activation: str = "relu", query_pe_temperature: float = 10000.0,
                            look_forward_twice: bool = True, moe: Optional[MoESpec] = None,
-                           class_blocks: Sequence[Sequence[int]] = ()) -> DINOTransformer:
+                           class_blocks: Sequence[Sequence[int]] = (), share_class_head: bool = False,
+                           share_box_head: bool = False) -> DINOTransformer:
     """Build a :class:`DINOTransformer`; layer ``i``'s FFN comes from ``build_ffn("encoder.i"/"decoder.i", ...)``.
 
     ``class_blocks``: the label space's ``(start, stop)`` blocks; every class head computes one matmul per block
-    (see :class:`~gem_d2.layers.blockwise_linear.BlockwiseLinear`)."""
+    (see :class:`~gem_d2.layers.blockwise_linear.BlockwiseLinear`). ``share_class_head``/``share_box_head``:
+    one decoder head for all layers (see :class:`DeformableDecoder`); the encoder's heads are always its own."""
     for key, v in (("HIDDEN_DIM", d_model), ("NHEADS", n_heads), ("DIM_FEEDFORWARD", d_ffn),
                    ("ENC_LAYERS", enc_layers), ("DEC_LAYERS", dec_layers), ("NUM_FEATURE_LEVELS", num_levels),
                    ("ENC_N_POINTS", enc_points), ("DEC_N_POINTS", dec_points), ("NUM_QUERIES", num_queries),
@@ -362,6 +386,7 @@ def build_dino_transformer(d_model: int = 256, n_heads: int = 8, d_ffn: int = 20
     dec = DeformableDecoder([
         DeformableDecoderLayer(d_model, n_heads, num_levels, dec_points,
                                build_ffn(f"decoder.{i}", d_model, d_ffn, dropout, activation, moe), dropout)
-        for i in range(dec_layers)], d_model, num_classes, pe_temperature, look_forward_twice, class_blocks)
+        for i in range(dec_layers)], d_model, num_classes, query_pe_temperature, look_forward_twice, class_blocks,
+        share_class_head, share_box_head)
     return DINOTransformer(enc, dec, d_model, num_levels, num_queries, num_classes, class_blocks)
 

@@ -34,9 +34,18 @@ class ExpertBank(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """nn.Linear's default init per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases."""
-        for p, fan_in in ((self.w1, self.d_model), (self.b1, self.d_model), (self.w2, self.d_ffn),
-                          (self.b2, self.d_ffn)):
+        """Each expert as the dense FFN of a DINO transformer starts.
+
+        The references Xavier-initialise every >1-d transformer parameter and leave the 1-d ones at
+        nn.Linear's default. So per expert: ``w1[e]`` (F, C) and ``w2[e]`` (C, F) Xavier-uniform with the
+        dense Linear's fans, ``U(-sqrt(6 / (C + F)), +sqrt(6 / (C + F)))``; ``b1[e]`` and ``b2[e]``
+        ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with ``fan_in`` C and F. (A 3-d tensor must not be given
+        to ``xavier_uniform_`` whole: it would count the expert axis into the fans.)
+        """
+        for e in range(self.num_experts):
+            nn.init.xavier_uniform_(self.w1[e])
+            nn.init.xavier_uniform_(self.w2[e])
+        for p, fan_in in ((self.b1, self.d_model), (self.b2, self.d_ffn)):
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(p, -bound, bound)
 

@@ -16,6 +16,7 @@ from detectron2.structures import Boxes, Instances
 
 from gem_d2 import model_zoo
 from gem_d2.data.label_space import UnifiedLabelSpace
+from gem_d2.layers.box_ops import inverse_sigmoid
 from gem_d2.layers.neck import ChannelMapper
 from gem_d2.layers.position_encoding import PositionEmbeddingSine, box_sine_embedding
 from gem_d2.modeling.dino.denoising import prepare_cdn
@@ -29,11 +30,12 @@ from gem_d2.modeling.dino.transformer import (
 )
 from gem_d2.modeling.moe.context import RoutingContext
 
-# IDEA-Research/DINO @ faa8520, config/DINO/DINO_4scale.py (91 classes, R50 torchvision backbone with
+# IDEA-Research/DINO @ faa8520, its DINO-4scale config (91 classes, R50 torchvision backbone with
 # FrozenBatchNorm2d), built on CPU with its CUDA op stubbed out, `sum(p.numel() for p in model.parameters())`
 # with dec_pred_class_embed_share = dec_pred_bbox_embed_share = False, i.e. one class/box head per decoder
-# layer as in detrex's DINO and in gem_d2. (With the config's default shared heads: 46,893,182.)
+# layer as in detrex's DINO and in gem_d2's base config; and with the config's default shared heads.
 REFERENCE_DINO_4SCALE_R50_PARAMS = 47_673_177
+REFERENCE_DINO_4SCALE_R50_SHARED_PARAMS = 46_893_182
 
 
 def _seed(seed=0):
@@ -43,16 +45,18 @@ def _seed(seed=0):
 
 # ------------------------------------------------------------------------------------------ embeddings / neck
 
-def _naive_sine(mask, num_feats, temperature):
-    """Loop version of the normalised sine embedding: (N, H, W) bool -> (N, 2F, H, W)."""
+def _naive_sine(mask, num_feats, temperature, offset=-0.5, normalize=True):
+    """Loop version of the sine embedding: (N, H, W) bool -> (N, 2F, H, W)."""
     n, h, w = mask.shape
     valid = ~mask
     out = np.zeros((n, 2 * num_feats, h, w))
     for b in range(n):
         for i in range(h):
             for j in range(w):
-                y = (valid[b, :i + 1, j].sum() - 0.5) / (valid[b, :, j].sum() + 1e-6) * 2 * math.pi
-                x = (valid[b, i, :j + 1].sum() - 0.5) / (valid[b, i, :].sum() + 1e-6) * 2 * math.pi
+                y, x = valid[b, :i + 1, j].sum(), valid[b, i, :j + 1].sum()
+                if normalize:
+                    y = (y + offset) / (valid[b, :, j].sum() + 1e-6) * 2 * math.pi
+                    x = (x + offset) / (valid[b, i, :].sum() + 1e-6) * 2 * math.pi
                 for k in range(num_feats):
                     d = temperature ** (2 * (k // 2) / num_feats)
                     f = math.sin if k % 2 == 0 else math.cos
@@ -61,13 +65,16 @@ def _naive_sine(mask, num_feats, temperature):
     return out
 
 
-def test_position_embedding_matches_loop_reference_with_padding():
+# (temperature, offset, normalize): detrex's DINO, IDEA-Research/DINO's, DETR's unnormalised form
+@pytest.mark.parametrize("temperature, offset, normalize", [(10000.0, -0.5, True), (20.0, 0.0, True),
+                                                             (10000.0, 0.0, False)])
+def test_position_embedding_matches_loop_reference_with_padding(temperature, offset, normalize):
     mask = torch.zeros(2, 5, 6, dtype=torch.bool)
     mask[1, 3:, :] = True
     mask[1, :, 4:] = True
-    pos = PositionEmbeddingSine(num_feats=8, temperature=20.0)(mask)
+    pos = PositionEmbeddingSine(num_feats=8, temperature=temperature, offset=offset, normalize=normalize)(mask)
     assert pos.shape == (2, 16, 5, 6)
-    ref = _naive_sine(mask.numpy(), 8, 20.0)
+    ref = _naive_sine(mask.numpy(), 8, temperature, offset, normalize)
     valid = ~mask.numpy()
     # padded rows/columns of image 1 divide by ~0 in both; compare the valid area of both images
     np.testing.assert_allclose(pos.numpy()[np.broadcast_to(valid[:, None], pos.shape)],
@@ -207,26 +214,61 @@ def test_look_forward_twice_gradient_reaches_previous_box_head_only_with_lft(lft
     assert grad_two_back is None or grad_two_back.abs().sum() == 0
 
 
-def test_refined_reference_is_the_previous_prediction():
-    """The reference of layer i+1 equals layer i's output box (same value, look forward twice or not)."""
-    tr = _tiny_transformer()
+@pytest.mark.parametrize("lft", [True, False])
+def test_decoder_refines_from_raw_output_and_predicts_from_normed_output(lft):
+    """The references' semantics: r_i = sigmoid(box_head_i(o_i) + logit(b_i)) from the raw output o_i is the
+    next reference; box_i = sigmoid(box_head_i(norm(o_i)) + logit(p_i)) with p_i = r_{i-1} (or b_0 at layer
+    0); logits_i = class_head_i(norm(o_i))."""
+    tr = _tiny_transformer(look_forward_twice=lft)
     _randomise_heads(tr)
+    with torch.no_grad():  # the layers end in a LayerNorm: at init norm(o_i) ~ o_i, so train the final norm a bit
+        tr.decoder.norm.weight.uniform_(0.5, 1.5)
+        tr.decoder.norm.bias.normal_(0, 0.3)
     feats, masks, pos = _tiny_inputs()
-    seen = []
-    layer = tr.decoder.layers[1]
-    orig = layer.forward
-
-    def spy(tgt, query_pos, reference_points, *args):
-        seen.append(reference_points)
-        return orig(tgt, query_pos, reference_points, *args)
-
-    layer.forward = spy
+    raw, refs = [], []
+    for layer in tr.decoder.layers:
+        layer.register_forward_pre_hook(lambda m, args: refs.append(args[2]))
+        layer.register_forward_hook(lambda m, args, out: raw.append(out))
     ratios = torch.stack([valid_ratios(m) for m in masks], 1)
+    ratios4 = torch.cat([ratios, ratios], -1)[:, None]
     blocks = torch.tensor([[0, 3], [3, 6]])
     out = tr(feats, masks, pos, class_block_masks(blocks, CLASSES), RoutingContext(dataset_ids=torch.tensor([0, 1])))
-    expected = out["boxes"][0][:, :, None] * torch.cat([ratios, ratios], -1)[:, None]
-    torch.testing.assert_close(seen[0], expected)
-    assert not seen[0].requires_grad
+    dec = tr.decoder
+    b = p = out["enc_boxes"].detach()
+    with torch.no_grad():
+        torch.testing.assert_close(refs[0], b[:, :, None] * ratios4)
+        for i in range(3):
+            h = dec.norm(raw[i])
+            torch.testing.assert_close(out["logits"][i], dec.class_heads[i](h))
+            torch.testing.assert_close(out["boxes"][i], (dec.box_heads[i](h) + inverse_sigmoid(p)).sigmoid())
+            if i < 2:
+                r = (dec.box_heads[i](raw[i]) + inverse_sigmoid(b)).sigmoid()
+                torch.testing.assert_close(refs[i + 1], r[:, :, None] * ratios4)
+                assert not refs[i + 1].requires_grad
+                # two deltas: the prediction is not the next reference
+                assert (out["boxes"][i] - r).abs().max() > 1e-4
+                b = r
+                p = r
+
+
+def test_shared_decoder_heads_are_one_module_for_every_layer():
+    shared = build_dino_transformer(d_model=C, n_heads=4, d_ffn=64, enc_layers=1, dec_layers=3, num_levels=LEVELS,
+                                    num_queries=QUERIES, num_classes=CLASSES, share_class_head=True,
+                                    share_box_head=True)
+    dec = shared.decoder
+    assert dec.class_heads[0] is dec.class_heads[2] and dec.box_heads[0] is dec.box_heads[1]
+    assert dec.class_heads[0] is not shared.enc_class_head and dec.box_heads[0] is not shared.enc_box_head
+    names = {n for n, _ in shared.named_parameters()}
+    assert "decoder.class_heads.0.weight" in names and "decoder.class_heads.1.weight" not in names
+    state = shared.state_dict()  # every layer's index is in the state dict (as the reference's checkpoints)
+    w0, w2 = state["decoder.box_heads.0.layers.0.weight"], state["decoder.box_heads.2.layers.0.weight"]
+    assert w0.data_ptr() == w2.data_ptr()
+    _randomise_heads(shared)
+    feats, masks, pos = _tiny_inputs()
+    out = shared(feats, masks, pos, class_block_masks(torch.tensor([[0, 3], [3, 6]]), CLASSES),
+                 RoutingContext(dataset_ids=torch.tensor([0, 1])))
+    out["boxes"][2].sum().backward()
+    assert dec.box_heads[0].layers[-1].weight.grad.abs().sum() > 0
 
 
 def test_two_stage_topk_respects_class_blocks_in_the_transformer():
@@ -487,13 +529,35 @@ def test_num_classes_smaller_than_label_space_is_rejected():
         build_model(cfg)
 
 
-def test_r50_4scale_parameter_count_matches_reference_dino():
+@pytest.mark.parametrize("reference", ["detrex", "idea"])
+def test_r50_4scale_parameter_count_matches_reference_dino(reference):
+    """Base config (detrex's choices) and the same keys set as IDEA-Research/DINO (shared decoder heads,
+    stem + res2 frozen, map PE temperature 20 without offset)."""
     cfg = model_zoo.get_config("Base-GEM-DINO.yaml")
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.DINO.NUM_CLASSES = 91
+    expected = REFERENCE_DINO_4SCALE_R50_PARAMS
+    if reference == "idea":
+        d = cfg.MODEL.DINO
+        d.SHARE_CLASS_HEAD = d.SHARE_BOX_HEAD = True
+        d.PE_TEMPERATURE, d.PE_OFFSET = 20, 0.0
+        cfg.MODEL.BACKBONE.FREEZE_AT = 2
+        expected = REFERENCE_DINO_4SCALE_R50_SHARED_PARAMS
     model = build_model(cfg)
     count = sum(p.numel() for p in model.parameters())
-    print(f"GEMDINO R50 4-scale, 91 classes: {count:,} parameters (reference {REFERENCE_DINO_4SCALE_R50_PARAMS:,})")
-    assert abs(count - REFERENCE_DINO_4SCALE_R50_PARAMS) / REFERENCE_DINO_4SCALE_R50_PARAMS < 0.01
-    assert model.backbone.stem.conv1.weight.requires_grad is False  # FREEZE_AT 1
-    assert len(model.dino.transformer.decoder.class_heads) == 6 and model.dino.num_queries == 900
+    print(f"GEMDINO R50 4-scale, 91 classes, {reference}: {count:,} parameters (reference {expected:,})")
+    assert abs(count - expected) / expected < 0.01
+    dec = model.dino.transformer.decoder
+    assert len(dec.class_heads) == 6 and model.dino.num_queries == 900
+    pe = model.dino.position_embedding
+    assert model.backbone.stem.conv1.weight.requires_grad is False
+    if reference == "idea":
+        assert all(h is dec.class_heads[0] for h in dec.class_heads)
+        assert all(h is dec.box_heads[0] for h in dec.box_heads)
+        assert model.backbone.res2[0].conv1.weight.requires_grad is False  # FREEZE_AT 2
+        assert (pe.temperature, pe.offset) == (20.0, 0.0)
+    else:
+        assert len({id(h) for h in dec.class_heads}) == 6 and len({id(h) for h in dec.box_heads}) == 6
+        assert model.backbone.res2[0].conv1.weight.requires_grad is True  # FREEZE_AT 1
+        assert (pe.temperature, pe.offset) == (10000.0, -0.5)
+    assert pe.normalize and dec.query_pe_temperature == 10000.0

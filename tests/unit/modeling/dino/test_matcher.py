@@ -112,5 +112,9 @@ def test_box_ops_against_hand_values():
     assert full[0, 1].item() == pytest.approx(naive_giou(a[0].tolist(), b[1].tolist()), abs=1e-12)
     x = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
     assert torch.allclose(inverse_sigmoid(x)[1:3], torch.tensor([math.log(1 / 3), 0.0], dtype=torch.float64))
-    assert inverse_sigmoid(x)[0].item() == pytest.approx(math.log(1e-5), rel=1e-5)
-    assert inverse_sigmoid(x)[3].item() == pytest.approx(-math.log(1e-5), rel=1e-5)
+    # clamped at eps = 1e-3 (the references' value): log(1e-3 / 1) and log(1 / 1e-3)
+    assert inverse_sigmoid(x)[0].item() == pytest.approx(math.log(1e-3), rel=1e-9)
+    assert inverse_sigmoid(x)[3].item() == pytest.approx(-math.log(1e-3), rel=1e-9)
+    near = torch.tensor([5e-4, 2e-3, 1 - 5e-4], dtype=torch.float64)
+    assert torch.allclose(inverse_sigmoid(near), torch.log(torch.tensor([1e-3 / (1 - 5e-4), 2e-3 / (1 - 2e-3),
+                                                                         (1 - 5e-4) / 1e-3], dtype=torch.float64)))
