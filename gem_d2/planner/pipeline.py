@@ -15,7 +15,7 @@ from gem_d2.planner.affinity import AffinityResult, affinity_from_prototypes, co
 from gem_d2.planner.extend import expert_keys_from_mapping, plan_new_units
 from gem_d2.planner.mapping import GemMapping
 from gem_d2.planner.plan import ROUNDINGS, ExpertPlan, plan_mapping
-from gem_d2.planner.report import FLAT_ROW_SPREAD, affinity_evidence, write_report
+from gem_d2.planner.report import FLAT_COSINE_STD, affinity_evidence, write_report
 from gem_d2.planner.solvers import check_solver
 
 __all__ = ["plan_from_cfg", "plan_new_unit_from_cfg", "dataset_load_shares", "PLAN_YAML"]
@@ -72,13 +72,13 @@ def plan_from_cfg(cfg, output_dir: Optional[str] = None, affinity: Optional[Affi
     mapping = GemMapping.from_plan(plan, moe_layers=cfg.MODEL.GEM.MOE_LAYERS)
     logger.info("GEM planner result:\n" + plan.format_report())
     evidence = affinity_evidence(aff)
-    logger.info(f"affinity: temperature {evidence['temperature']:.4g}, mean row spread "
-                f"{evidence['mean_row_spread']:.3f}, unit-prototype cosines (off-diagonal) "
-                f"{evidence['prototype_cosine_off_diagonal']}")
+    logger.info(f"affinity: unit-key cosine std {evidence['unit_key_cosine_std']:.4g} (temperature "
+                f"{evidence['temperature']:.4g}), mean row spread {evidence['mean_row_spread']:.3f}, unit-prototype "
+                f"cosines (off-diagonal) {evidence['prototype_cosine_off_diagonal']}")
     if evidence["flat"]:
-        logger.warning("the affinity is nearly flat (mean row spread < %.2f): the backbone's features barely tell the "
-                       "units apart, so the plan follows loads and capacities. Plan with a pretrained MODEL.WEIGHTS.",
-                       FLAT_ROW_SPREAD)
+        logger.warning("the backbone's features barely tell the units apart (unit-key cosine std %.4f < %.2f): the "
+                       "plan follows noise, loads and capacities. Plan with a pretrained MODEL.WEIGHTS.",
+                       evidence["unit_key_cosine_std"], FLAT_COSINE_STD)
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         header = (f"GEM expert mapping from gem_d2's planner (rounding={plan.rounding}, solver={plan.solver}, "

@@ -171,7 +171,10 @@ def test_plan_from_cfg_writes_files_and_is_deterministic(small_synth, tmp_path, 
     np.testing.assert_allclose(w, aff.affinity, atol=1e-6)
     np.testing.assert_allclose(evidence["prototype_cosine"], protos @ protos.T, atol=1e-5)
     np.testing.assert_allclose(evidence["row_spread"], w.max(1) - w.min(1), atol=1e-6)
-    assert evidence["units"] == list(cfg.DATASETS.TRAIN) and evidence["flat"] == (np.mean(evidence["row_spread"]) < 0.2)
+    cos = np.asarray(evidence["unit_key_cosine"])
+    assert evidence["units"] == list(cfg.DATASETS.TRAIN)
+    assert np.isclose(evidence["unit_key_cosine_std"], cos.std(), atol=1e-5)
+    assert evidence["flat"] == (cos.std() < 0.02)
     merged = tiny_cfg(small_synth)
     merged.merge_from_file(str(out / "plan.yaml"))
     assert GemMapping.from_cfg(merged).experts == mapping.experts
