@@ -119,7 +119,8 @@ class GEMDINO(nn.Module):
             d_model=d.HIDDEN_DIM, n_heads=d.NHEADS, d_ffn=d.DIM_FEEDFORWARD, enc_layers=d.ENC_LAYERS,
             dec_layers=d.DEC_LAYERS, num_levels=d.NUM_FEATURE_LEVELS, enc_points=d.ENC_N_POINTS,
             dec_points=d.DEC_N_POINTS, num_queries=d.NUM_QUERIES, num_classes=num_classes, dropout=d.DROPOUT,
-            activation=d.ACTIVATION, pe_temperature=d.PE_TEMPERATURE, moe=moe, class_blocks=dataset_blocks)
+            activation=d.ACTIVATION, pe_temperature=d.PE_TEMPERATURE, moe=moe, class_blocks=dataset_blocks,
+            msda_impl=d.MSDA_IMPL)
         neck = ChannelMapper([shapes[f].channels for f in d.IN_FEATURES], d.HIDDEN_DIM, d.NUM_FEATURE_LEVELS)
         dino = DINO(neck, PositionEmbeddingSine(d.HIDDEN_DIM // 2, d.PE_TEMPERATURE), transformer,
                     dn_number=d.DN_NUMBER, label_noise_ratio=d.DN_LABEL_NOISE_RATIO,
