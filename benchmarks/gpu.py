@@ -40,7 +40,8 @@ DEMO = "configs/gem_dino_synth_demo.yaml"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="output/gpu_check")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and training iterations (a smoke run)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats and training iterations, no step memory subprocesses (a smoke run)")
     parser.add_argument("--amp-dtype", default="bfloat16", choices=["float16", "bfloat16"])
     parser.add_argument("--train-iters", type=int, default=100)
     parser.add_argument("--part-timeout", type=int, default=1200, help="seconds before a part is stopped")
@@ -86,7 +87,8 @@ def plan(args, out: Path) -> List[dict]:
             flag = ["--amp"] if amp else []
             if "step" in args.parts:
                 add("step", f"step-{tag}-{impl}", bench("step", "--device", "cuda", "--routers", "dense", "gem",
-                                                        "--threads", "0", *flag, *reps, *opts))
+                                                        "--threads", "0", "--memory-jobs", "0" if q else "2", *flag,
+                                                        *reps, *opts))
             if "inference" in args.parts:
                 add("inference", f"inference-{tag}-{impl}",
                     bench("inference", "--device", "cuda", "--threads", "0", "--repeats", "5" if q else "20", *flag,
@@ -183,7 +185,7 @@ def nccl_worker(path: str) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     total = torch.tensor([1.0], device="cuda")
     dist.all_reduce(total)
     torch.cuda.synchronize()

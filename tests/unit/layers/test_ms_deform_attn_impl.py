@@ -56,7 +56,7 @@ def _run(module, inputs, impl):
     module.impl = impl
     module.zero_grad()
     out = module(query, ref, value, shapes, None, mask)
-    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
     (out * weight).sum().backward()
     grads = {"query": query.grad, "value": value.grad}
     grads.update({name: p.grad.clone() for name, p in module.named_parameters()})
@@ -67,18 +67,29 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
 
+def _ext_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ok, why = msda.ext_supports(torch.device(device), torch.float32)
+    if not ok:
+        pytest.skip(why)
+    return torch.device(device)
+
+
 @needs_ext
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("ref_dim", [2, 4], ids=["encoder", "decoder"])
-def test_module_ext_matches_pytorch(dtype, tol, ref_dim):
+def test_module_ext_matches_pytorch(device, dtype, tol, ref_dim):
     """Outputs and every gradient (inputs and parameters) agree on the model's shapes: 4 levels, padded levels,
     samples outside the map, encoder (point references) and decoder (box references)."""
+    device = _ext_device(device)
     torch.manual_seed(0)
-    module = MSDeformAttn(d_model=32, n_levels=len(LEVELS), n_heads=4, n_points=4).to(dtype)
+    module = MSDeformAttn(d_model=32, n_levels=len(LEVELS), n_heads=4, n_points=4).to(device, dtype)
     with torch.no_grad():  # offsets large enough to leave the map, attention not uniform
         module.sampling_offsets.weight.normal_(0, 2.0)
         module.attention_weights.weight.normal_(0, 0.5)
-    inputs = _module_inputs(dtype, ref_dim=ref_dim)
+    inputs = [t.to(device) for t in _module_inputs(dtype, ref_dim=ref_dim)]
     out_ref, grads_ref = _run(module, inputs, "pytorch")
     out_ext, grads_ext = _run(module, inputs, "ext")
     assert _rel(out_ext, out_ref) < tol
