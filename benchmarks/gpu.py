@@ -2,23 +2,25 @@
 
     python tools/benchmark.py gpu [--output-dir output/gpu_check] [--quick] [--parts msda moe_layer ...]
 
-On a machine with CUDA it runs, each part in its own subprocess (a failing part is recorded with the end of its
-log and the next one runs):
+On a machine with CUDA it runs these parts, in this order, each in its own subprocess (a failing part is
+recorded with the end of its log and the next one runs):
 
 - ``msda``: the msda benchmark with both implementations (``--impls pytorch ext``), without and with AMP;
 - ``moe_layer``: the gem MoE layer against the dense FFN, without and with AMP;
-- ``step`` and ``inference``: the model benchmarks (rows dense, gem; routings dataset, auto) with
-  ``MODEL.DINO.MSDA_IMPL`` pytorch and ext, each without and with ``--amp`` (``SOLVER.AMP.DTYPE``);
+- ``nccl``: a 1-GPU launch with a real NCCL process group (world size 1: ``gem_d2.engine.launch`` runs in-process
+  without one, so this part makes its own): DDP-wrapped tiny model, two training steps and an all-reduce;
 - ``train``: a short run of the demo (``tools/train_net.py`` on ``configs/gem_dino_synth_demo.yaml``: data
   generation, planning, ``--train-iters`` iterations, evaluation) on the GPU;
-- ``nccl``: a 1-GPU launch with a real NCCL process group (world size 1: ``gem_d2.engine.launch`` runs in-process
-  without one, so this part makes its own): DDP-wrapped tiny model, two training steps and an all-reduce.
+- ``step`` and ``inference``: the model benchmarks (rows dense, gem; routings dataset, auto) with
+  ``MODEL.DINO.MSDA_IMPL`` pytorch and ext, each without and with ``--amp`` (``SOLVER.AMP.DTYPE``).
 
 It writes ``<output-dir>/gpu_report.json`` (every part's command, status, seconds, JSON result, log tail) and
-``<output-dir>/gpu_report.md`` (the same as tables), and prints the latter. Nothing in it needs detectron2's
-compiled ops (the bootstrap installs detectron2 without them). ``ext`` rows need ``torch-ms-deform-attn`` built
-with CUDA kernels (the bootstrap builds it where the build sees a GPU and the CUDA toolkit); otherwise they are
-reported as skipped. Without CUDA the command exits with status 2 and a message, having run nothing.
+``<output-dir>/gpu_report.md`` (the same as tables), both rewritten after every part (a stopped run keeps what
+finished), and prints the latter. Nothing in it needs detectron2's compiled ops (the bootstrap installs
+detectron2 without them). ``ext`` rows need ``torch-ms-deform-attn`` built with CUDA kernels (the bootstrap
+builds them where the build sees a GPU and the CUDA toolkit); otherwise msda reports them as skipped and the
+model benchmarks' ``ext`` rows fail with the reason.
+Without CUDA the command exits with status 2 and a message, having run nothing.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from typing import List, Optional
 
 from benchmarks.common import REPO, machine_context, subprocess_env, write_json, write_text
 
-PARTS = ("msda", "moe_layer", "step", "inference", "train", "nccl")
+PARTS = ("msda", "moe_layer", "nccl", "train", "step", "inference")
 DEMO = "configs/gem_dino_synth_demo.yaml"
 
 
@@ -71,36 +73,40 @@ def plan(args, out: Path) -> List[dict]:
 
     def add(part, name, cmd, result=True):
         path = out / f"{name}.json"
-        jobs.append({"part": part, "name": name, "cmd": cmd + (["--output", str(path)] if result else []),
+        if result:  # right after the subcommand: step and inference end with KEY VALUE config overrides
+            cmd = cmd[:4] + ["--output", str(path)] + cmd[4:]
+        jobs.append({"part": part, "name": name, "cmd": cmd,
                      "json": str(path) if result else None})
 
-    for amp in ("", args.amp_dtype):
-        tag = f"amp-{amp}" if amp else "fp32"
-        amp_flag = ["--amp", amp] if amp else []
-        if "msda" in args.parts:
-            add("msda", f"msda-{tag}", bench("msda", "--device", "cuda", "--impls", "pytorch", "ext",
-                                             "--sizes", "dino4scale", *amp_flag, *reps))
-        if "moe_layer" in args.parts:
-            add("moe_layer", f"moe_layer-{tag}", bench("moe_layer", "--device", "cuda", *amp_flag, *reps))
-        for impl in ("pytorch", "ext"):
-            opts = ["SOLVER.AMP.DTYPE", args.amp_dtype, "MODEL.DINO.MSDA_IMPL", impl]
-            flag = ["--amp"] if amp else []
-            if "step" in args.parts:
-                add("step", f"step-{tag}-{impl}", bench("step", "--device", "cuda", "--routers", "dense", "gem",
-                                                        "--threads", "0", "--memory-jobs", "0" if q else "2", *flag,
-                                                        *reps, *opts))
-            if "inference" in args.parts:
-                add("inference", f"inference-{tag}-{impl}",
-                    bench("inference", "--device", "cuda", "--threads", "0", "--repeats", "5" if q else "20", *flag,
-                          *opts))
-    if "train" in args.parts:
-        iters = 20 if q else args.train_iters
-        add("train", "train", [sys.executable, "tools/train_net.py", "--config-file", DEMO, "MODEL.DEVICE", "cuda",
-                               "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({max(1, iters - 10)},)",
-                               "SOLVER.CHECKPOINT_PERIOD", str(iters), "OUTPUT_DIR", str(out / "demo")], result=False)
-    if "nccl" in args.parts:
-        add("nccl", "nccl", bench("gpu", "--nccl-worker", str(out / "nccl.json")), result=False)
-        jobs[-1]["json"] = str(out / "nccl.json")
+    amps = [("fp32", []), (f"amp-{args.amp_dtype}", ["--amp", args.amp_dtype])]
+    for part in PARTS:  # the cheap, most telling parts first (a stopped run keeps what finished)
+        if part not in args.parts:
+            continue
+        if part in ("msda", "moe_layer"):
+            sizes = ["--sizes", "dino4scale", "--impls", "pytorch", "ext"] if part == "msda" else []
+            for tag, amp_flag in amps:
+                add(part, f"{part}-{tag}", bench(part, "--device", "cuda", *sizes, *amp_flag, *reps))
+        elif part in ("step", "inference"):
+            for tag, amp_flag in amps:
+                for impl in ("pytorch", "ext"):
+                    opts = ["SOLVER.AMP.DTYPE", args.amp_dtype, "MODEL.DINO.MSDA_IMPL", impl]
+                    flag = ["--amp"] if amp_flag else []
+                    if part == "step":
+                        cmd = bench("step", "--device", "cuda", "--routers", "dense", "gem", "--threads", "0",
+                                    "--memory-jobs", "0" if q else "2", *flag, *reps, *opts)
+                    else:
+                        cmd = bench("inference", "--device", "cuda", "--threads", "0", "--repeats",
+                                    "5" if q else "20", *flag, *opts)
+                    add(part, f"{part}-{tag}-{impl}", cmd)
+        elif part == "train":
+            iters = 20 if q else args.train_iters
+            add("train", "train", [sys.executable, "tools/train_net.py", "--config-file", DEMO, "MODEL.DEVICE",
+                                   "cuda", "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({max(1, iters - 10)},)",
+                                   "SOLVER.CHECKPOINT_PERIOD", str(iters), "OUTPUT_DIR", str(out / "demo")],
+                result=False)
+        else:  # nccl
+            add("nccl", "nccl", bench("gpu", "--nccl-worker", str(out / "nccl.json")), result=False)
+            jobs[-1]["json"] = str(out / "nccl.json")
     return jobs
 
 
@@ -244,13 +250,14 @@ def run(args) -> Optional[dict]:
     out.mkdir(parents=True, exist_ok=True)
     ok, why = ext_supports(torch.device("cuda"), torch.float32)
     ext = f"{ext_status()[0].__version__}, CUDA kernels" if ok else f"not usable on CUDA: {why}"
-    parts = [run_part(job, out, args.part_timeout) for job in plan(args, out)]
     report = {"benchmark": "gpu", "context": machine_context(), "device_name": torch.cuda.get_device_name(0),
               "msda_ext": ext, "env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "NCCL_DEBUG")},
-              "parts": parts}
-    write_json(str(out / "gpu_report.json"), report)
-    text = markdown(report)
-    write_text(str(out / "gpu_report.md"), text)
+              "parts": []}
+    for job in plan(args, out):
+        report["parts"].append(run_part(job, out, args.part_timeout))
+        text = markdown(report)  # rewritten after every part: a stopped run still leaves its report
+        write_json(str(out / "gpu_report.json"), report)
+        write_text(str(out / "gpu_report.md"), text)
     print(text)
     print(f"wrote {out / 'gpu_report.json'} and {out / 'gpu_report.md'}")
     return report

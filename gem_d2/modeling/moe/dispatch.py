@@ -59,11 +59,11 @@ def per_image_dispatch(x: torch.Tensor, routes: Sequence[Tuple[Tuple[int, float]
     N = x.shape[0]
     if len(routes) != N:
         raise ValueError(f"per_image_dispatch: {len(routes)} routes for {N} images")
-    pieces, ran, start = [], False, 0
-    for stop in range(1, N + 1):
-        if stop < N and routes[stop] == routes[start]:
-            continue
-        xs = x[start:stop]
+    runs = [0] + [n for n in range(1, N) if routes[n] != routes[n - 1]] + [N]  # starts of runs of equal routes
+    # split, not indexing: its backward writes the input's gradient once (a slice's would zero-fill it per slice)
+    slices = x.split([b - a for a, b in zip(runs[:-1], runs[1:])]) if len(runs) > 2 else (x,)
+    pieces, ran = [], False
+    for start, xs in zip(runs, slices):
         y = None
         for e, w in routes[start]:
             ye = experts.forward_expert(e, xs)
@@ -72,7 +72,6 @@ def per_image_dispatch(x: torch.Tensor, routes: Sequence[Tuple[Tuple[int, float]
             y = ye if y is None else y + ye
         ran = ran or y is not None
         pieces.append(x.new_zeros(xs.shape) if y is None else y)
-        start = stop
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     if valid is not None:
         out = out.masked_fill(~valid[..., None], 0.0)

@@ -48,6 +48,7 @@ class MoEFFN(nn.Module):
         self.experts = ExpertBank(self.router.num_experts, d_model, d_ffn, dropout, activation)
         self.num_datasets: Optional[int] = spec.num_datasets
         self.per_image = True
+        self._uses_cache: dict = {}  # per-image statistics: routes -> (N, R) device table
 
     def load_from_ffn(self, ffn: FFN) -> None:
         """Copy a dense FFN's weights into every expert (a ``dense`` MoEFFN then equals ``ffn``)."""
@@ -87,22 +88,26 @@ class MoEFFN(nn.Module):
 
     def _per_dataset_of_images(self, routes: List[ImageRoute], ctx: RoutingContext, valid: Optional[torch.Tensor],
                                x: torch.Tensor) -> torch.Tensor:
-        """(num_datasets, R): valid tokens per route per dataset, as ``_per_dataset`` counts them per token."""
+        """(num_datasets, R): valid tokens per route per dataset, as ``_per_dataset`` counts them per token.
+
+        Device operations only: the (N, R) table of the routes each image uses is kept on the device per distinct
+        list of routes (a host-to-device copy would wait for the GPU in the middle of the forward)."""
         ids = ctx.dataset_id_list()
         num_datasets = self.num_datasets if self.num_datasets is not None else max(ids, default=-1) + 1
-        R = self.router.num_routes
-        if valid is None:  # every image has L tokens: the table is known on the host
-            table = [[0.0] * R for _ in range(num_datasets)]
-            for d, route in zip(ids, routes):
+        key = (tuple(routes), str(x.device))
+        uses = self._uses_cache.get(key)
+        if uses is None:
+            if len(self._uses_cache) >= 256:
+                self._uses_cache.clear()
+            rows = [[0.0] * self.router.num_routes for _ in routes]
+            for n, route in enumerate(routes):
                 for e, _ in route:
-                    table[d][e] += x.shape[1]
-            return torch.tensor(table, dtype=torch.float32, device=x.device)
-        uses = [[0.0] * R for _ in routes]
-        for n, route in enumerate(routes):
-            for e, _ in route:
-                uses[n][e] = 1.0
-        per_image = torch.tensor(uses, device=x.device) * valid.sum(1, dtype=torch.float32)[:, None]
-        return per_image.new_zeros(num_datasets, R).index_add_(0, ctx.dataset_ids.to(x.device).long(), per_image)
+                    rows[n][e] = 1.0
+            uses = self._uses_cache[key] = torch.tensor(rows, device=x.device)
+        counts = float(x.shape[1]) if valid is None else valid.sum(1, dtype=torch.float32)[:, None]
+        per_image = uses * counts
+        return per_image.new_zeros(num_datasets, uses.shape[1]).index_add_(0, ctx.dataset_ids.to(x.device).long(),
+                                                                           per_image)
 
     def _valid(self, x: torch.Tensor, ctx: RoutingContext) -> Optional[torch.Tensor]:
         """Check ``x`` (N, L, C) and ``ctx``'s per-image fields; (N, L) bool, False = padded, or None: no padding."""

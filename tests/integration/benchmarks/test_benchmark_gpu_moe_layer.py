@@ -35,6 +35,8 @@ def test_gpu_check_plans_valid_commands_for_every_part(tmp_path):
         cmd = job["cmd"]
         if cmd[1:3] == ["-m", "benchmarks"]:
             parsed = build_parser().parse_args(cmd[3:])
+            if parsed.command != "gpu":  # the nccl part writes its record itself
+                assert "--output" not in getattr(parsed, "opts", []) and parsed.output == job["json"]
             assert isinstance(parsed, argparse.Namespace) and parsed.command in ("msda", "moe_layer", "step",
                                                                                  "inference", "gpu")
         else:
