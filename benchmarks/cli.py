@@ -14,14 +14,16 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from benchmarks import adapt, inference, msda, params, planner, step, study
+from benchmarks import adapt, gpu, inference, moe_layer, msda, params, planner, step, study
 from benchmarks import eval as eval_benchmark
 from benchmarks.common import machine_header, restored_num_threads
 
 SUBCOMMANDS = {
     "adapt": adapt,
     "eval": eval_benchmark,
+    "gpu": gpu,
     "inference": inference,
+    "moe_layer": moe_layer,
     "msda": msda,
     "params": params,
     "planner": planner,

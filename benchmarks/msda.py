@@ -1,6 +1,9 @@
-"""msda: forward and forward+backward time of the pure-PyTorch multi-scale deformable attention.
+"""msda: forward and forward+backward time of multi-scale deformable attention, per implementation.
 
-Measures ``ms_deform_attn_core`` and the whole ``MSDeformAttn`` module (projections included) for
+``--impls``: ``pytorch`` (the grid_sample reference) and ``ext`` (the ``torch-ms-deform-attn`` kernels,
+``MODEL.DINO.MSDA_IMPL ext``; skipped with a note where the package cannot run the device/dtype).
+Measures the sampling core (``ms_deform_attn`` with that implementation) and the whole ``MSDeformAttn``
+module (projections included) for
 encoder self-attention (queries = all tokens) and decoder cross-attention (900 matching + 200 DN
 queries) at DINO-4scale sizes (batch 2, 800x1066 image -> levels 100x134, 50x67, 25x34, 13x17,
 8 heads x 32 channels, 4 points) and at a small CPU size (256x256 image). Reports the median of
@@ -9,7 +12,8 @@ queries) at DINO-4scale sizes (batch 2, 800x1066 image -> levels 100x134, 50x67,
 (CUDA only) runs both passes under ``torch.autocast`` with float32 inputs and parameters, as mixed-precision
 training does; ``--dtype`` instead casts everything.
 
-    python tools/benchmark.py msda [--sizes small dino4scale] [--device cpu] [--repeats 5] [--amp float16]
+    python tools/benchmark.py msda [--sizes small dino4scale] [--impls pytorch ext] [--device cpu] [--repeats 5]
+        [--amp float16]
 """
 from __future__ import annotations
 
@@ -30,7 +34,9 @@ SIZES = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "dino4scale"])
     parser.add_argument("--targets", nargs="+", choices=["core", "module"], default=["core", "module"],
-                        help="ms_deform_attn_core alone and/or the MSDeformAttn module")
+                        help="the sampling core alone and/or the MSDeformAttn module")
+    parser.add_argument("--impls", nargs="+", choices=["pytorch", "ext"], default=["pytorch", "ext"],
+                        help="implementations to measure (MODEL.DINO.MSDA_IMPL)")
     parser.add_argument("--attn", nargs="+", choices=["encoder", "decoder"], default=["encoder", "decoder"])
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
@@ -68,10 +74,10 @@ def time_calls(fn, device, repeats: int, warmup: int) -> dict:
             "cpu_median_ms": statistics.median(cpu), "repeats": repeats}
 
 
-def measure_case(args, size: str, attn: str, target: str) -> dict:
+def measure_case(args, size: str, attn: str, target: str, impl: str = "pytorch") -> dict:
     import torch
 
-    from gem_d2.layers.ms_deform_attn import MSDeformAttn, ms_deform_attn_core
+    from gem_d2.layers.ms_deform_attn import MSDeformAttn, ms_deform_attn
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -93,9 +99,9 @@ def measure_case(args, size: str, attn: str, target: str) -> dict:
         leaves = [value, loc, weights]
 
         def forward():
-            return ms_deform_attn_core(value, spatial_shapes, loc, weights)
+            return ms_deform_attn(value, spatial_shapes, None, loc, weights, impl)
     else:
-        module = MSDeformAttn(m * d, num_levels, m, p).to(device=device, dtype=dtype)
+        module = MSDeformAttn(m * d, num_levels, m, p, impl=impl).to(device=device, dtype=dtype)
         query = rand(batch, lq, m * d).requires_grad_(True)
         value = rand(batch, s, m * d).requires_grad_(True)
         ref = rand(batch, lq, num_levels, 2 if attn == "encoder" else 4)
@@ -133,7 +139,7 @@ def measure_case(args, size: str, attn: str, target: str) -> dict:
 
     fwd = time_calls(forward_no_grad, device, args.repeats, args.warmup)
     fwd_bwd = time_calls(forward_backward_amp, device, args.repeats, args.warmup)
-    return {"size": size, "attn": attn, "target": target, "batch": batch, "image": [height, width],
+    return {"size": size, "attn": attn, "target": target, "impl": impl, "batch": batch, "image": [height, width],
             "levels": shapes, "tokens": s, "queries": lq, "heads": m, "head_dim": d, "points": p,
             "forward_ms": fwd["median_ms"], "forward_backward_ms": fwd_bwd["median_ms"],
             "forward_cpu_ms": fwd["cpu_median_ms"], "forward_backward_cpu_ms": fwd_bwd["cpu_median_ms"],
@@ -150,22 +156,36 @@ def run(args) -> dict:
                          "(mixed precision is CUDA-only here)")
     if args.amp and args.dtype != "float32":
         raise ValueError(f"msda: --amp {args.amp} autocasts float32 inputs; got --dtype {args.dtype}")
+    from gem_d2.layers.ms_deform_attn import ext_status, ext_supports
+
+    impls, skipped = [], {}
+    for impl in args.impls:
+        ok, why = (True, "") if impl == "pytorch" else ext_supports(device, getattr(torch, args.dtype))
+        if ok:
+            impls.append(impl)
+        else:
+            skipped[impl] = why
+            print(f"msda: skipping --impls {impl}: {why}")
     results = []
-    header = (f"{'size':<11} {'attn':<8} {'target':<7} {'tokens':>7} {'queries':>7} {'fwd ms':>9} {'fwd+bwd ms':>11}"
-              f" {'fwd cpu ms':>11} {'f+b cpu ms':>11}")
+    header = (f"{'size':<11} {'attn':<8} {'target':<7} {'impl':<8} {'tokens':>7} {'queries':>7} {'fwd ms':>9} "
+              f"{'fwd+bwd ms':>11} {'fwd cpu ms':>11} {'f+b cpu ms':>11}")
     print(header)
     print("-" * len(header))
     for size in args.sizes:
         for attn in args.attn:
             for target in args.targets:
-                r = measure_case(args, size, attn, target)
-                results.append(r)
-                print(f"{size:<11} {attn:<8} {target:<7} {r['tokens']:>7} {r['queries']:>7} "
-                      f"{r['forward_ms']:>9.1f} {r['forward_backward_ms']:>11.1f} {r['forward_cpu_ms']:>11.1f} "
-                      f"{r['forward_backward_cpu_ms']:>11.1f}", flush=True)
+                for impl in impls:
+                    r = measure_case(args, size, attn, target, impl)
+                    results.append(r)
+                    print(f"{size:<11} {attn:<8} {target:<7} {impl:<8} {r['tokens']:>7} {r['queries']:>7} "
+                          f"{r['forward_ms']:>9.1f} {r['forward_backward_ms']:>11.1f} {r['forward_cpu_ms']:>11.1f} "
+                          f"{r['forward_backward_cpu_ms']:>11.1f}", flush=True)
+    module = ext_status()[0]
     report = {
         "benchmark": "msda",
-        "implementation": "pytorch (grid_sample)",
+        "implementations": {"pytorch": "grid_sample reference",
+                            "ext": f"torch-ms-deform-attn {module.__version__}" if module else None},
+        "skipped": skipped,
         "device": str(device), "device_name": device_name(device), "dtype": args.dtype, "amp": args.amp or None,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "repeats": args.repeats, "warmup": args.warmup, "statistic": "median",

@@ -62,7 +62,7 @@ def _add_dino(cfg: CN) -> None:
     d.FOCAL_GAMMA = 2.0  # sigmoid focal loss gamma
     d.AUX_LOSS = True  # losses on every decoder layer and the encoder proposals
     d.NUM_SELECT = 300  # detections kept per image at inference (top-K over queries x classes)
-    d.MSDA_IMPL = "pytorch"  # deformable attention implementation: pytorch (always available)
+    d.MSDA_IMPL = "auto"  # deformable attention: auto (torch-ms-deform-attn where built, else pytorch) | pytorch | ext
 
 
 def _add_gem(cfg: CN) -> None:

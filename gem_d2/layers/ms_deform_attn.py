@@ -1,8 +1,17 @@
-"""Multi-scale deformable attention (Deformable-DETR), pure PyTorch.
+"""Multi-scale deformable attention (Deformable-DETR): the pure-PyTorch reference and a compiled kernel.
 
 ``ms_deform_attn_core`` is the reference path: one ``F.grid_sample`` per feature level, so it
-imports and runs everywhere (CPU, CUDA, any floating dtype including float64). Any faster kernel
-must match it numerically.
+imports and runs everywhere (CPU, CUDA, any floating dtype including float64). The compiled kernel
+is the optional package ``torch-ms-deform-attn`` (import name ``torch_ms_deform_attn``, CPU/CUDA
+kernels with autograd, built from source against the installed torch by ``tools/bootstrap.py``,
+pinned in ``requirements/build.txt``); it must match the reference numerically (tested).
+:class:`MSDeformAttn` picks one per call with ``impl`` (``MODEL.DINO.MSDA_IMPL``):
+
+- ``pytorch``: the reference, always;
+- ``ext``: the package; a clear error if it is not importable or does not support the tensors'
+  device and dtype;
+- ``auto``: the package when it is importable and supports the device and dtype, else the
+  reference; the choice (and why) is logged once per device/dtype.
 
 Sampling convention (grid_sample with ``align_corners=False``, ``padding_mode="zeros"``): a
 location ``(x, y)`` in [0, 1] maps to pixel coordinates ``(x * W - 0.5, y * H - 0.5)``, so pixel
@@ -11,14 +20,23 @@ contribute zero.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ms_deform_attn_core", "MSDeformAttn"]
+__all__ = ["MSDA_IMPLS", "ms_deform_attn_core", "ms_deform_attn", "ext_status", "ext_supports", "resolve_impl",
+           "check_impl", "set_msda_impl", "MSDeformAttn"]
+
+MSDA_IMPLS = ("auto", "pytorch", "ext")
+EXT_MODULE = "torch_ms_deform_attn"  # PyPI name torch-ms-deform-attn
+_EXT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # half types run in float32 inside
+_logger = logging.getLogger(__name__)
+_logged: set = set()
 
 
 def _level_sizes(spatial_shapes: Tensor) -> list:
@@ -88,6 +106,99 @@ def ms_deform_attn_core(value: Tensor, spatial_shapes: Tensor, sampling_location
     return out.view(n, m * d, lq).transpose(1, 2).contiguous()
 
 
+@functools.cache
+def ext_status() -> Tuple[Optional[object], str]:
+    """``(package module, "")`` when ``torch_ms_deform_attn`` imports with its compiled ops, else ``(None, why)``.
+
+    Cached: call ``ext_status.cache_clear()`` after installing the package (or in tests that fake its absence).
+    """
+    try:
+        import torch_ms_deform_attn
+        from torch_ms_deform_attn import _C  # noqa: F401  (the compiled ops; a build for another torch fails here)
+    except Exception as e:  # ImportError, or OSError/undefined symbols from a build against another torch
+        return None, (f"{EXT_MODULE} is not importable ({type(e).__name__}: {e}); tools/bootstrap.py builds it "
+                      "(requirements/build.txt) where a C++ compiler is available")
+    return torch_ms_deform_attn, ""
+
+
+def ext_supports(device: torch.device, dtype: torch.dtype) -> Tuple[bool, str]:
+    """Whether the package can run on ``device`` with ``dtype``, and if not why."""
+    module, why = ext_status()
+    if module is None:
+        return False, why
+    if dtype not in _EXT_DTYPES:
+        return False, f"{EXT_MODULE} does not support dtype {dtype}"
+    compiled = module._C
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return True, ""
+    if kind == "cuda" and not compiled.with_cuda:
+        return False, (f"this {EXT_MODULE} build has no CUDA kernels (it was built without a visible GPU or "
+                       "the CUDA toolkit; rebuild it with FORCE_CUDA=1)")
+    if kind == "mps" and (not compiled.with_mps or dtype == torch.float64):
+        return False, f"this {EXT_MODULE} build does not support mps with {dtype}"
+    if kind not in ("cuda", "mps"):
+        return False, f"{EXT_MODULE} has no kernels for device type {kind!r}"
+    return True, ""
+
+
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``"ext"`` or ``"pytorch"``: what ``impl`` (one of :data:`MSDA_IMPLS`) runs for tensors on ``device`` / ``dtype``.
+
+    ``ext`` raises a RuntimeError naming the reason when the package cannot run them; ``auto`` logs its choice
+    once per (device type, dtype)."""
+    if impl == "pytorch":
+        return "pytorch"
+    if impl not in MSDA_IMPLS:
+        raise ValueError(f"MODEL.DINO.MSDA_IMPL={impl!r}: expected one of {MSDA_IMPLS}")
+    ok, why = ext_supports(device, dtype)
+    if impl == "ext":
+        if not ok:
+            raise RuntimeError(f"MODEL.DINO.MSDA_IMPL=ext: {why}. Use 'auto' to fall back to the PyTorch "
+                               "implementation, or 'pytorch'")
+        return "ext"
+    key = (torch.device(device).type, dtype, ok)
+    if key not in _logged:
+        _logged.add(key)
+        choice = f"{EXT_MODULE} {ext_status()[0].__version__}" if ok else f"the PyTorch implementation ({why})"
+        _logger.info("MSDA_IMPL=auto on %s/%s: using %s", key[0], str(dtype).replace("torch.", ""), choice)
+    return "ext" if ok else "pytorch"
+
+
+def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Optional[Tensor],
+                   sampling_locations: Tensor, attention_weights: Tensor, impl: str = "auto") -> Tensor:
+    """:func:`ms_deform_attn_core`'s contract, run by the implementation ``impl`` selects (:func:`resolve_impl`).
+
+    ``level_start_index`` (L,) may be None (derived from ``spatial_shapes``); the package needs it and needs
+    ``spatial_shapes`` as int64 on the values' device."""
+    if resolve_impl(impl, value.device, value.dtype) == "pytorch":
+        return ms_deform_attn_core(value, spatial_shapes, sampling_locations, attention_weights)
+    shapes = spatial_shapes.to(device=value.device, dtype=torch.long)
+    if level_start_index is None:
+        areas = shapes[:, 0] * shapes[:, 1]
+        level_start_index = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    starts = level_start_index.to(device=value.device, dtype=torch.long)
+    return ext_status()[0].ms_deform_attn(value, shapes, starts, sampling_locations, attention_weights)
+
+
+def check_impl(impl: str) -> str:
+    """``impl`` if it is one of :data:`MSDA_IMPLS` (for ``ext``: if the package is importable), else a clear error."""
+    if impl not in MSDA_IMPLS:
+        raise ValueError(f"MODEL.DINO.MSDA_IMPL={impl!r}: expected one of {MSDA_IMPLS}")
+    if impl == "ext" and ext_status()[0] is None:  # fail when the model is built, not at its first forward
+        raise RuntimeError(f"MODEL.DINO.MSDA_IMPL=ext: {ext_status()[1]}")
+    return impl
+
+
+def set_msda_impl(module: nn.Module, impl: str) -> nn.Module:
+    """Set ``impl`` on every :class:`MSDeformAttn` in ``module`` (checked by :func:`check_impl`); returns ``module``."""
+    check_impl(impl)
+    for m in module.modules():
+        if isinstance(m, MSDeformAttn):
+            m.impl = impl
+    return module
+
+
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention module (Deformable-DETR), built on ``ms_deform_attn_core``.
 
@@ -96,10 +207,14 @@ class MSDeformAttn(nn.Module):
         n_levels: feature levels ``L``.
         n_heads: attention heads ``M`` (``d_model`` must be divisible by it).
         n_points: sampling points ``P`` per head and level.
+        impl: ``auto`` | ``pytorch`` | ``ext`` (see the module docstring); an attribute, so it can be changed
+            after construction.
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
+                 impl: str = "auto"):
         super().__init__()
+        self.impl = check_impl(impl)
         for name, v in (("d_model", d_model), ("n_levels", n_levels), ("n_heads", n_heads), ("n_points", n_points)):
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"MSDeformAttn {name} must be a positive int, got {v!r}")
@@ -191,5 +306,13 @@ class MSDeformAttn(nn.Module):
         else:
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / p * reference_points[:, :, None, :, None, 2:] * 0.5)
-        out = ms_deform_attn_core(v, spatial_shapes, locations, weights)
+        # Under autocast the value is half precision while locations/weights are float32 (softmax): sample in
+        # the widest of the three, as the original kernel does under mixed precision.
+        dtype = torch.promote_types(torch.promote_types(v.dtype, locations.dtype), weights.dtype)
+        out = ms_deform_attn(v.to(dtype), spatial_shapes, level_start_index, locations.to(dtype),
+                             weights.to(dtype), self.impl)
         return self.output_proj(out)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, "
+                f"n_points={self.n_points}, impl={self.impl!r}")

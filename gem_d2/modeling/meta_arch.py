@@ -120,7 +120,8 @@ class GEMDINO(nn.Module):
             dec_layers=d.DEC_LAYERS, num_levels=d.NUM_FEATURE_LEVELS, enc_points=d.ENC_N_POINTS,
             dec_points=d.DEC_N_POINTS, num_queries=d.NUM_QUERIES, num_classes=num_classes, dropout=d.DROPOUT,
             activation=d.ACTIVATION, query_pe_temperature=d.QUERY_PE_TEMPERATURE, moe=moe,
-            class_blocks=dataset_blocks, share_class_head=d.SHARE_CLASS_HEAD, share_box_head=d.SHARE_BOX_HEAD)
+            class_blocks=dataset_blocks, share_class_head=d.SHARE_CLASS_HEAD, share_box_head=d.SHARE_BOX_HEAD,
+            msda_impl=d.MSDA_IMPL)
         neck = ChannelMapper([shapes[f].channels for f in d.IN_FEATURES], d.HIDDEN_DIM, d.NUM_FEATURE_LEVELS)
         position_embedding = PositionEmbeddingSine(d.HIDDEN_DIM // 2, d.PE_TEMPERATURE, offset=d.PE_OFFSET,
                                                    scale=d.PE_SCALE, normalize=d.PE_NORMALIZE)

@@ -81,3 +81,54 @@ def test_clones_sharing_a_cache_import_their_own_gem_d2(tmp_path):
     shutil.rmtree(a)
     expected = str(b / "gem_d2" / "__init__.py")
     assert _gem_d2_of(b, elsewhere, full_import=True) == (expected, expected)
+
+
+FAKE_PYTHON = """#!/bin/sh
+# the environment's python, except that building from source fails as on a machine without a C++ compiler
+case "$*" in *--no-binary*) echo "error: command 'g++' failed: No such file or directory" >&2; exit 1;; esac
+exec {python} "$@"
+"""
+
+
+@pytest.mark.slow
+def test_failed_optional_build_leaves_set_up_working(tmp_path):
+    """requirements/build.txt's packages are optional: a failed build is reported, recorded, and set-up succeeds
+    (the code falls back, tested in tests/unit/layers/test_ms_deform_attn_impl.py); later runs only print a notice
+    and stay fast; --retry-build tries again. Runs against a stand-in of this checkout's environment (same name, its
+    python behind a wrapper whose source builds fail), so nothing is installed."""
+    real = _env_dir()
+    if not (real / ".gem_d2_complete").is_file():
+        pytest.skip(f"{real} is not built; run `python3 tools/bootstrap.py` first (this test installs nothing)")
+    clone = _clone(tmp_path, "c")
+    cache = tmp_path / "cache"
+    env = cache / real.name
+    site = next(real.glob("lib/python3*/site-packages"))
+    (env / site.relative_to(real)).mkdir(parents=True)
+    nodeps = (ROOT / "requirements" / "nodeps.txt").read_text()
+    for rel in re.findall(r"# file (\S+) sha256", nodeps):  # the files the bootstrap re-verifies on every run
+        dst = env / site.relative_to(real) / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(site / rel)
+    (env / "bin").mkdir()
+    (env / "bin" / "python").write_text(FAKE_PYTHON.format(python=real / "bin" / "python"))
+    (env / "bin" / "python").chmod(0o755)
+    (env / ".gem_d2_complete").write_text(real.name.split("-", 1)[1] + "\n")
+    pin = re.search(r"^(\S+==\S+) ", (ROOT / "requirements" / "build.txt").read_text(), re.M).group(1)
+    (env / ".gem_d2_build").write_text(f"{pin} failed 1s\n")
+
+    def bootstrap(*args):
+        proc = subprocess.run(["python3", "tools/bootstrap.py", *args], cwd=clone, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "GEM_D2_CACHE": str(cache)})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout + proc.stderr
+
+    out = bootstrap()
+    assert f"{pin} is not built in this environment" in out and "--retry-build" in out, out
+    assert f"+ {env} " in out and "building" not in out
+    out = bootstrap("--retry-build")
+    assert f"could not build {pin} from source" in out and "g++' failed" in out, out  # the log's end is shown
+    assert "environment ready" in out
+    assert (env / ".gem_d2_build").read_text().startswith(f"{pin} failed")
+    assert list(env.glob(".gem_d2_build-*.log"))
+    out = bootstrap()  # back to the one-line notice, no new build
+    assert "could not build" not in out and f"{pin} is not built" in out

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from gem_d2.layers.blockwise_linear import BlockwiseLinear
 from gem_d2.layers.box_ops import inverse_sigmoid
 from gem_d2.layers.mlp import FFN, MLP
-from gem_d2.layers.ms_deform_attn import MSDeformAttn
+from gem_d2.layers.ms_deform_attn import MSDeformAttn, set_msda_impl
 from gem_d2.layers.position_encoding import box_sine_embedding
 from gem_d2.modeling.dino.query_selection import (
     encoder_proposals,
@@ -359,12 +359,13 @@ def build_dino_transformer(d_model: int = 256, n_heads: int = 8, d_ffn: int = 20
                            activation: str = "relu", query_pe_temperature: float = 10000.0,
                            look_forward_twice: bool = True, moe: Optional[MoESpec] = None,
                            class_blocks: Sequence[Sequence[int]] = (), share_class_head: bool = False,
-                           share_box_head: bool = False) -> DINOTransformer:
+                           share_box_head: bool = False, msda_impl: str = "auto") -> DINOTransformer:
     """Build a :class:`DINOTransformer`; layer ``i``'s FFN comes from ``build_ffn("encoder.i"/"decoder.i", ...)``.
 
     ``class_blocks``: the label space's ``(start, stop)`` blocks; every class head computes one matmul per block
     (see :class:`~gem_d2.layers.blockwise_linear.BlockwiseLinear`). ``share_class_head``/``share_box_head``:
-    one decoder head for all layers (see :class:`DeformableDecoder`); the encoder's heads are always its own."""
+    one decoder head for all layers (see :class:`DeformableDecoder`); the encoder's heads are always its own.
+    ``msda_impl``: the deformable-attention implementation (``MODEL.DINO.MSDA_IMPL``: auto | pytorch | ext)."""
     for key, v in (("HIDDEN_DIM", d_model), ("NHEADS", n_heads), ("DIM_FEEDFORWARD", d_ffn),
                    ("ENC_LAYERS", enc_layers), ("DEC_LAYERS", dec_layers), ("NUM_FEATURE_LEVELS", num_levels),
                    ("ENC_N_POINTS", enc_points), ("DEC_N_POINTS", dec_points), ("NUM_QUERIES", num_queries),
@@ -388,5 +389,6 @@ def build_dino_transformer(d_model: int = 256, n_heads: int = 8, d_ffn: int = 20
                                build_ffn(f"decoder.{i}", d_model, d_ffn, dropout, activation, moe), dropout)
         for i in range(dec_layers)], d_model, num_classes, query_pe_temperature, look_forward_twice, class_blocks,
         share_class_head, share_box_head)
-    return DINOTransformer(enc, dec, d_model, num_levels, num_queries, num_classes, class_blocks)
+    return set_msda_impl(DINOTransformer(enc, dec, d_model, num_levels, num_queries, num_classes, class_blocks),
+                         msda_impl)
 

@@ -39,6 +39,8 @@ from gem_d2.modeling.moe.context import RoutingContext
 if TYPE_CHECKING:  # pragma: no cover
     from gem_d2.modeling.moe.experts import ExpertBank
 
+ImageRoute = Tuple[Tuple[int, float], ...]  # (expert id, combination weight) pairs every token of an image uses
+
 ROUTER_REGISTRY = Registry("GEM_ROUTER")
 ROUTER_REGISTRY.__doc__ = """
 Routers of gem_d2's MoE layers (subclasses of gem_d2.modeling.moe.Router), selected by
@@ -158,6 +160,13 @@ class Router(nn.Module):
 
     def route(self, tokens: TokenBatch) -> RoutingPlan:
         raise NotImplementedError(f"router {type(self).__name__} implements neither route() nor forward_moe()")
+
+    def image_routes(self, ctx: RoutingContext, num_images: int) -> Optional[List[ImageRoute]]:
+        """Per image, the ``(expert, weight)`` pairs that every one of its tokens uses, when this call's routing is
+        per image; then :class:`MoEFFN` runs each expert on the image's contiguous tokens (no gather, no scatter)
+        and ``route``/``forward_moe`` are not called. None (the default): per-token routing. Such a router has no
+        auxiliary losses, statistics or exported logits, and uses only FFN experts (ids < ``num_experts``)."""
+        return None
 
     def forward_moe(self, tokens: TokenBatch, experts: ExpertBank) -> MoEResult:
         """Default: ``route`` then grouped dispatch. Output (T, C)."""

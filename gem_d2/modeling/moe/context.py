@@ -7,7 +7,7 @@ ignores ``ctx``; an MoE layer routes with it and records auxiliary losses/statis
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -36,6 +36,13 @@ class RoutingContext:
     aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     stats: Dict[str, torch.Tensor] = field(default_factory=dict)
     prev_router_logits: Dict[str, torch.Tensor] = field(default_factory=dict)
+    _host_ids: Optional[Tuple[torch.Tensor, List[int]]] = field(default=None, init=False, repr=False, compare=False)
+
+    def dataset_id_list(self) -> List[int]:
+        """``dataset_ids`` as Python ints, read from the device once per context (per-image routing)."""
+        if self._host_ids is None or self._host_ids[0] is not self.dataset_ids:
+            self._host_ids = (self.dataset_ids, [int(i) for i in self.dataset_ids.tolist()])
+        return self._host_ids[1]
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""Grouped dispatch: gather each expert's tokens, one call per used expert, scatter-add weighted outputs."""
+"""Expert dispatch: per token (gather each expert's tokens, one call per used expert, scatter-add weighted
+outputs) or per image (each expert on an image's contiguous tokens, when all tokens of an image share experts)."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -43,3 +44,35 @@ def plan_token_load(expert_index: torch.Tensor, active: torch.Tensor, num_routes
     """(T, R) float: how many of token t's active assignments go to route r (for statistics)."""
     load = torch.zeros(expert_index.shape[0], num_routes, device=expert_index.device)
     return load.scatter_add_(1, expert_index, active.float())
+
+
+def per_image_dispatch(x: torch.Tensor, routes: Sequence[Tuple[Tuple[int, float], ...]], experts: ExpertBank,
+                       valid: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, bool]:
+    """``out[n] = sum_(e, w) in routes[n] of w * FFN_e(x[n])`` for images ``x`` (N, L, C); 0 where ``valid`` is False.
+
+    ``routes``: per image its ``(expert, weight)`` pairs (experts < E). Consecutive images with the same route
+    form one slice of ``x`` (a view: nothing is gathered or scattered); each of its experts runs once on it and
+    weights of exactly 1 are not multiplied. ``valid`` (N, L) bool or None: padded tokens' outputs (and so their
+    gradients) are zeroed, as the grouped dispatch never computes them. Returns (out (N, L, C), whether any
+    expert ran). Equals :func:`grouped_dispatch` on the same plan up to float rounding.
+    """
+    N = x.shape[0]
+    if len(routes) != N:
+        raise ValueError(f"per_image_dispatch: {len(routes)} routes for {N} images")
+    runs = [0] + [n for n in range(1, N) if routes[n] != routes[n - 1]] + [N]  # starts of runs of equal routes
+    # split, not indexing: its backward writes the input's gradient once (a slice's would zero-fill it per slice)
+    slices = x.split([b - a for a, b in zip(runs[:-1], runs[1:])]) if len(runs) > 2 else (x,)
+    pieces, ran = [], False
+    for start, xs in zip(runs, slices):
+        y = None
+        for e, w in routes[start]:
+            ye = experts.forward_expert(e, xs)
+            if w != 1.0:
+                ye = ye * w
+            y = ye if y is None else y + ye
+        ran = ran or y is not None
+        pieces.append(x.new_zeros(xs.shape) if y is None else y)
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    if valid is not None:
+        out = out.masked_fill(~valid[..., None], 0.0)
+    return out, ran

@@ -1,14 +1,15 @@
 """MoEFFN: an expert bank plus a router, a drop-in replacement of the dense FFN of one transformer layer."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
 
 from gem_d2.layers.mlp import FFN
-from gem_d2.modeling.moe.base import ROUTER_REGISTRY, TokenBatch
+from gem_d2.modeling.moe.base import ROUTER_REGISTRY, ImageRoute, TokenBatch
 from gem_d2.modeling.moe.context import MoESpec, RoutingContext
+from gem_d2.modeling.moe.dispatch import per_image_dispatch
 from gem_d2.modeling.moe.experts import ExpertBank
 
 
@@ -20,7 +21,12 @@ class MoEFFN(nn.Module):
     dataset; fractional for SoftMoE) and router-specific scalars ``stats[f"{layer_name}/<name>"]``;
     ``prev_router_logits[stack]`` (N, L, R) when the router exports logits (MoE++ gating residuals;
     stack = "encoder"/"decoder", the part of ``layer_name`` before the dot).
-    Padded tokens (``ctx.key_padding_mask`` True) are not computed (output 0) and not counted.
+    Padded tokens (``ctx.key_padding_mask`` True) output 0, get no gradient and are not counted.
+
+    When the router routes per image (``router.image_routes``: ``gem`` with a dataset-level plan or on tokens
+    without labels, ``dense``), each expert runs on slices of consecutive images that share a route, with no
+    gather or scatter (:func:`~gem_d2.modeling.moe.dispatch.per_image_dispatch`); padded tokens are then computed
+    and their outputs zeroed. ``per_image = False`` forces the per-token path (tests, benchmarks).
 
     DDP: without ``find_unused_parameters`` DDP waits forever for gradients of parameters that took
     no part in the forward. Expert weights are stacked Parameters, so one expert call gives every
@@ -41,6 +47,8 @@ class MoEFFN(nn.Module):
                                                        **dict(spec.router_kwargs))
         self.experts = ExpertBank(self.router.num_experts, d_model, d_ffn, dropout, activation)
         self.num_datasets: Optional[int] = spec.num_datasets
+        self.per_image = True
+        self._uses_cache: dict = {}  # per-image statistics: routes -> (N, R) device table
 
     def load_from_ffn(self, ffn: FFN) -> None:
         """Copy a dense FFN's weights into every expert (a ``dense`` MoEFFN then equals ``ffn``)."""
@@ -48,6 +56,11 @@ class MoEFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         """x (N, L, C) -> (N, L, C); fills ``ctx.aux_losses`` / ``ctx.stats`` (see the class docstring)."""
+        if self.per_image:
+            valid = self._valid(x, ctx)  # checks x and ctx first
+            routes = self.router.image_routes(ctx, x.shape[0])
+            if routes is not None:
+                return self._forward_per_image(x, ctx, routes, valid)
         tokens = self._flatten(x, ctx)
         result = self.router.forward_moe(tokens, self.experts)
         out = result.output.reshape(x.shape[0], x.shape[1], -1)
@@ -64,20 +77,60 @@ class MoEFFN(nn.Module):
             ctx.prev_router_logits[self.stack] = result.router_logits.reshape(x.shape[0], x.shape[1], -1)
         return out
 
-    def _flatten(self, x: torch.Tensor, ctx: RoutingContext) -> TokenBatch:
+    def _forward_per_image(self, x: torch.Tensor, ctx: RoutingContext, routes: List[ImageRoute],
+                           valid: Optional[torch.Tensor]) -> torch.Tensor:
+        out, ran = per_image_dispatch(x, routes, self.experts, valid)
+        anchor = self._ddp_anchor(ran) if torch.is_grad_enabled() else None
+        if anchor is not None:
+            out = out + anchor
+        ctx.stats[f"{self.layer_name}/tokens_per_expert"] = self._per_dataset_of_images(routes, ctx, valid, x)
+        return out
+
+    def _per_dataset_of_images(self, routes: List[ImageRoute], ctx: RoutingContext, valid: Optional[torch.Tensor],
+                               x: torch.Tensor) -> torch.Tensor:
+        """(num_datasets, R): valid tokens per route per dataset, as ``_per_dataset`` counts them per token.
+
+        Device operations only: the (N, R) table of the routes each image uses is kept on the device per distinct
+        list of routes (a host-to-device copy would wait for the GPU in the middle of the forward)."""
+        ids = ctx.dataset_id_list()
+        num_datasets = self.num_datasets if self.num_datasets is not None else max(ids, default=-1) + 1
+        key = (tuple(routes), str(x.device))
+        uses = self._uses_cache.get(key)
+        if uses is None:
+            if len(self._uses_cache) >= 256:
+                self._uses_cache.clear()
+            rows = [[0.0] * self.router.num_routes for _ in routes]
+            for n, route in enumerate(routes):
+                for e, _ in route:
+                    rows[n][e] = 1.0
+            uses = self._uses_cache[key] = torch.tensor(rows, device=x.device)
+        counts = float(x.shape[1]) if valid is None else valid.sum(1, dtype=torch.float32)[:, None]
+        per_image = uses * counts
+        return per_image.new_zeros(num_datasets, uses.shape[1]).index_add_(0, ctx.dataset_ids.to(x.device).long(),
+                                                                           per_image)
+
+    def _valid(self, x: torch.Tensor, ctx: RoutingContext) -> Optional[torch.Tensor]:
+        """Check ``x`` (N, L, C) and ``ctx``'s per-image fields; (N, L) bool, False = padded, or None: no padding."""
         if x.dim() != 3:
             raise ValueError(f"{self.layer_name}: MoEFFN expects x of shape (N, L, C), got {tuple(x.shape)}")
-        N, L, C = x.shape
+        N, L, _ = x.shape
         ds = ctx.dataset_ids
         if ds is None or ds.shape != (N,):
             raise ValueError(f"{self.layer_name}: ctx.dataset_ids must have shape (N={N},), "
                              f"got {None if ds is None else tuple(ds.shape)}")
-        valid = torch.ones(N, L, dtype=torch.bool, device=x.device)
-        if ctx.key_padding_mask is not None:
-            if ctx.key_padding_mask.shape != (N, L):
-                raise ValueError(f"{self.layer_name}: ctx.key_padding_mask must be (N, L)={(N, L)}, "
-                                 f"got {tuple(ctx.key_padding_mask.shape)}")
-            valid = ~ctx.key_padding_mask.bool()
+        if ctx.key_padding_mask is None:
+            return None
+        if ctx.key_padding_mask.shape != (N, L):
+            raise ValueError(f"{self.layer_name}: ctx.key_padding_mask must be (N, L)={(N, L)}, "
+                             f"got {tuple(ctx.key_padding_mask.shape)}")
+        return ~ctx.key_padding_mask.bool()
+
+    def _flatten(self, x: torch.Tensor, ctx: RoutingContext) -> TokenBatch:
+        valid = self._valid(x, ctx)
+        N, L, C = x.shape
+        ds = ctx.dataset_ids
+        if valid is None:
+            valid = torch.ones(N, L, dtype=torch.bool, device=x.device)
         labels = None
         if ctx.query_labels is not None:
             if ctx.query_labels.shape != (N, L):

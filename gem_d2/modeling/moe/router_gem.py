@@ -1,12 +1,13 @@
 """Routers without learned parameters: ``gem`` (the planned mapping) and ``dense`` (one shared FFN)."""
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 from gem_d2.data.label_space import UnifiedLabelSpace
-from gem_d2.modeling.moe.base import Router, RoutingPlan, TokenBatch, register_router
+from gem_d2.modeling.moe.base import ImageRoute, Router, RoutingPlan, TokenBatch, register_router
+from gem_d2.modeling.moe.context import RoutingContext
 from gem_d2.planner.mapping import GemMapping, RouterTables
 
 
@@ -31,7 +32,9 @@ class GEMRouter(Router):
 
     tables: :class:`~gem_d2.planner.mapping.RouterTables` of the mapping (``GemMapping.router_tables``).
     Tokens with labels (decoder queries, ``ctx.query_labels``; a label < 0 means unknown) use
-    ``unit_of_class`` when the plan is class-level; other tokens use their dataset's row.
+    ``unit_of_class`` when the plan is class-level; other tokens use their dataset's row. Whenever every token of
+    an image uses its dataset's row (a dataset-level plan, or tokens without labels), :meth:`image_routes` gives
+    the rows per image and the layer runs the experts on each image's contiguous tokens.
     """
 
     def __init__(self, d_model: int, num_experts: int, tables: RouterTables):
@@ -48,6 +51,11 @@ class GEMRouter(Router):
                              persistent=False)
         unit_of_class = None if tables.unit_of_class is None else torch.tensor(tables.unit_of_class, dtype=torch.long)
         self.register_buffer("unit_of_class", unit_of_class, persistent=False)
+        # host copies for per-image routing: weights rounded to float32 like the buffer the per-token path reads
+        weight32 = torch.tensor(tables.weight, dtype=torch.float32).tolist()
+        self._rows = [tuple((int(e), float(w)) for e, w, p in zip(row, ws, pads) if not p)
+                      for row, ws, pads in zip(tables.index, weight32, tables.pad)]
+        self._unit_of_dataset = [int(u) for u in tables.unit_of_dataset]
 
     @classmethod
     def kwargs_from_cfg(cls, cfg, dataset_names: List[str]) -> dict:
@@ -62,6 +70,17 @@ class GEMRouter(Router):
             unit = torch.where((labels >= 0) & (class_unit >= 0), class_unit, unit)
         return unit
 
+    def image_routes(self, ctx: RoutingContext, num_images: int) -> Optional[List[ImageRoute]]:
+        """Each image's dataset row, unless a class-level plan routes labelled tokens (then None: per token)."""
+        if self.unit_of_class is not None and ctx.query_labels is not None:
+            return None
+        ids = ctx.dataset_id_list()
+        bad = [d for d in ids if not 0 <= d < len(self._unit_of_dataset)]
+        if bad:
+            raise ValueError(f"gem router: dataset ids {bad} outside the mapping's {len(self._unit_of_dataset)} "
+                             "datasets")
+        return [self._rows[self._unit_of_dataset[d]] for d in ids]
+
     def route(self, tokens: TokenBatch) -> RoutingPlan:
         unit = self.units_of(tokens)
         return RoutingPlan(self.table_index[unit], self.table_weight[unit], self.table_pad[unit])
@@ -73,6 +92,9 @@ class DenseRouter(Router):
 
     def __init__(self, d_model: int, num_experts: int = 1):
         super().__init__(d_model, 1)
+
+    def image_routes(self, ctx: RoutingContext, num_images: int) -> Optional[List[ImageRoute]]:
+        return [((0, 1.0),)] * num_images
 
     def route(self, tokens: TokenBatch) -> RoutingPlan:
         T = tokens.x.shape[0]

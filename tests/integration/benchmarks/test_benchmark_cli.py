@@ -5,7 +5,7 @@ import sys
 from benchmarks.cli import SUBCOMMANDS, build_parser, main
 from benchmarks.common import REPO, subprocess_env
 
-EXPECTED = ["adapt", "eval", "inference", "msda", "params", "planner", "step", "study"]
+EXPECTED = ["adapt", "eval", "gpu", "inference", "moe_layer", "msda", "params", "planner", "step", "study"]
 
 
 def test_list_names_every_subcommand(capsys):

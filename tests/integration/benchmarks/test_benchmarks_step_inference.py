@@ -92,12 +92,16 @@ def test_inference_benchmark_amp_needs_cuda(small_synth, tmp_path):
 
 
 def test_msda_benchmark_small_case_and_amp_errors(tmp_path):
+    from gem_d2.layers.ms_deform_attn import ext_status
+
     out = tmp_path / "msda.json"
     main(["msda", "--sizes", "small", "--attn", "decoder", "--repeats", "1", "--warmup", "0", "--output", str(out)])
     report = json.loads(out.read_text())
     assert report["amp"] is None and report["device"] == "cpu"
-    assert [(r["target"], r["queries"], r["tokens"]) for r in report["results"]] == [("core", 200, 1360),
-                                                                                     ("module", 200, 1360)]
+    impls = ["pytorch", "ext"] if ext_status()[0] is not None else ["pytorch"]  # ext: skipped with a reason
+    assert list(report["skipped"]) == [i for i in ["ext"] if i not in impls]
+    assert [(r["target"], r["impl"], r["queries"], r["tokens"]) for r in report["results"]] == [
+        (t, i, 200, 1360) for t in ("core", "module") for i in impls]
     # small: 256 px -> levels 32x32, 16x16, 8x8, 4x4 = 1360 tokens
     assert report["results"][0]["levels"] == [[32, 32], [16, 16], [8, 8], [4, 4]]
     for r in report["results"]:

@@ -1,0 +1,154 @@
+"""moe_layer: forward+backward time of one GEM MoE FFN layer against the dense FFN, at DINO-4scale shapes.
+
+Cases: ``--shapes`` encoder (2 images x 17,821 tokens: the four levels of an 800x1066 image, a padding mask
+present as the encoder has one) and decoder (2 images x 1,100 queries: 900 matching + 200 denoising);
+``--batches`` uniform (both images from one dataset) and mixed (two datasets mapped to different experts);
+``--k`` 1 and 2 (each dataset's row has k experts, weights 1/k). d_model 256, FFN 2048, 8 experts.
+
+Variants: ``dense`` (:class:`gem_d2.layers.mlp.FFN`, the layer GEM replaces), ``gem`` (:class:`MoEFFN` with the
+gem router: per-image dispatch, each expert on an image's contiguous tokens) and ``gem-per-token`` (the same layer
+forced through the general gather/scatter dispatch). The experts start as copies of the dense FFN. One repeat times
+one forward+backward (input gradient included, parameter gradients reset to None as ``zero_grad`` does) of every
+variant in turn, so a change of load hits all of them alike. Reported per variant: median wall and process CPU
+ms, and the median over repeats of its time / dense's time in the same repeat (``ratio``; ``/k``: divided by k,
+since k experts per token do k times the FFN work). ``--token-scale`` shrinks the token counts (a loaded or
+small machine), ``--amp`` runs under autocast (CUDA). ``--threads 1`` by default, as the ``step`` benchmark (OpenMP
+spin-waiting on cores shared with other jobs makes multi-threaded timings erratic); ``--threads 0``: all cores.
+
+    python tools/benchmark.py moe_layer [--shapes encoder decoder] [--batches uniform mixed] [--k 1 2]
+        [--device cpu] [--repeats 10] [--warmup 2] [--token-scale 1.0] [--amp bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from benchmarks.common import add_output, add_threads, device_name, load_average, set_threads, timed, write_json
+
+SHAPES = {"encoder": 100 * 134 + 50 * 67 + 25 * 34 + 13 * 17, "decoder": 900 + 200}  # tokens per image
+VARIANTS = ("dense", "gem", "gem-per-token")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["encoder", "decoder"])
+    parser.add_argument("--batches", nargs="+", choices=["uniform", "mixed"], default=["uniform", "mixed"])
+    parser.add_argument("--k", nargs="+", type=int, choices=[1, 2], default=[1, 2])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--d-ffn", type=int, default=2048)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--token-scale", type=float, default=1.0, help="multiply the tokens per image")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", default="", choices=["", "float16", "bfloat16"], help="autocast dtype (CUDA)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    add_threads(parser)  # 1 by default, as the step benchmark (steady timings on shared cores); 0 = all cores
+    add_output(parser, "moe_layer")
+
+
+def build_layers(args, k: int, device):
+    """The dense FFN and the gem MoEFFN (experts copied from it), datasets 0/1 mapped to disjoint experts."""
+    import torch
+
+    from gem_d2.layers.mlp import FFN
+    from gem_d2.modeling.moe import MoEFFN
+    from gem_d2.modeling.moe.context import MoESpec
+    from gem_d2.planner.mapping import GemMapping
+
+    if args.experts < 2 * k:
+        raise ValueError(f"moe_layer: --experts {args.experts} < 2k = {2 * k} (two datasets with disjoint rows)")
+    torch.manual_seed(0)
+    dense = FFN(args.d_model, args.d_ffn).to(device)
+    rows = [list(range(k)), list(range(k, 2 * k))]
+    tables = GemMapping.create(["ds0", "ds1"], rows, [[1.0 / k] * k] * 2,
+                               num_experts=args.experts).router_tables(["ds0", "ds1"])
+    spec = MoESpec(["encoder.0"], args.experts, "gem", {"tables": tables}, num_datasets=2)
+    moe = MoEFFN("encoder.0", args.d_model, args.d_ffn, 0.0, "relu", spec).to(device)
+    moe.load_from_ffn(dense)
+    return dense, moe
+
+
+def measure_case(args, shape: str, batch: str, k: int) -> dict:
+    import torch
+
+    from gem_d2.modeling.moe.context import RoutingContext
+
+    device = torch.device(args.device)
+    tokens = max(1, round(SHAPES[shape] * args.token_scale))
+    dense, moe = build_layers(args, k, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(args.images, tokens, args.d_model, generator=g, device=device).requires_grad_(True)
+    grad_out = torch.randn(args.images, tokens, args.d_model, generator=g, device=device)
+    ids = torch.tensor([0] * args.images if batch == "uniform" else [i % 2 for i in range(args.images)],
+                       device=device)
+    mask = torch.zeros(args.images, tokens, dtype=torch.bool, device=device) if shape == "encoder" else None
+    amp = getattr(torch, args.amp) if args.amp else None
+
+    def step(layer, per_image: bool):
+        if hasattr(layer, "per_image"):
+            layer.per_image = per_image
+        for p in layer.parameters():
+            p.grad = None
+        x.grad = None
+        with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = layer(x, RoutingContext(dataset_ids=ids, key_padding_mask=mask))
+        out.backward(grad_out.to(out.dtype))
+
+    calls = {"dense": lambda: step(dense, True), "gem": lambda: step(moe, True),
+             "gem-per-token": lambda: step(moe, False)}
+    variants = [v for v in VARIANTS if v in args.variants or v == "dense"]
+    for _ in range(args.warmup):
+        for v in variants:
+            calls[v]()
+    wall = {v: [] for v in variants}
+    cpu = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        for v in variants:  # interleaved
+            _, w, c = timed(calls[v], device)
+            wall[v].append(w)
+            cpu[v].append(c)
+    rows = []
+    for v in variants:
+        ratios = [a / b for a, b in zip(wall[v], wall["dense"])]
+        cpu_ratios = [a / b for a, b in zip(cpu[v], cpu["dense"])]
+        rows.append({"shape": shape, "batch": batch, "k": k, "variant": v, "tokens_per_image": tokens,
+                     "median_ms": statistics.median(wall[v]), "min_ms": min(wall[v]),
+                     "cpu_median_ms": statistics.median(cpu[v]), "ratio": statistics.median(ratios),
+                     "cpu_ratio": statistics.median(cpu_ratios), "wall_ms": wall[v], "cpu_ms": cpu[v]})
+    return {"rows": rows}
+
+
+def run(args) -> dict:
+    import torch
+
+    set_threads(args.threads)
+    device = torch.device(args.device)
+    if args.amp and device.type != "cuda":
+        raise ValueError(f"moe_layer: --amp {args.amp} needs a CUDA --device, got {args.device!r}")
+    header = (f"{'shape':<8} {'batch':<8} {'k':>2} {'variant':<14} {'tokens':>7} {'f+b ms':>9} {'cpu ms':>9} "
+              f"{'ratio':>6} {'/k':>6} {'cpu ratio':>9}")
+    print(header)
+    print("-" * len(header))
+    results = []
+    for shape in args.shapes:
+        for batch in args.batches:
+            for k in args.k:
+                for r in measure_case(args, shape, batch, k)["rows"]:
+                    results.append(r)
+                    print(f"{shape:<8} {batch:<8} {k:>2} {r['variant']:<14} {r['tokens_per_image']:>7} "
+                          f"{r['median_ms']:>9.1f} {r['cpu_median_ms']:>9.1f} {r['ratio']:>6.3f} "
+                          f"{r['ratio'] / (1 if r['variant'] == 'dense' else k):>6.3f} {r['cpu_ratio']:>9.3f}",
+                          flush=True)
+    report = {
+        "benchmark": "moe_layer", "device": str(device), "device_name": device_name(device),
+        "amp": args.amp or None, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "images": args.images, "d_model": args.d_model, "d_ffn": args.d_ffn, "experts": args.experts,
+        "token_scale": args.token_scale, "repeats": args.repeats, "warmup": args.warmup,
+        "statistic": "median; ratio = median over repeats of variant / dense in the same repeat",
+        "load_average": load_average(), "results": results,
+    }
+    if args.output:
+        write_json(args.output, report)
+        print(f"wrote {args.output}")
+    return report
