@@ -100,8 +100,11 @@ def _add_gem(cfg: CN) -> None:
     m.NUM_CONSTANT = 2  # constant experts
     m.BALANCE_COEF = 0.01  # load-balancing loss coefficient over all experts
     g.DAMEX = dx = CN()
-    dx.LOSS_COEF = 0.1  # cross-entropy coefficient toward the dataset's mapped expert
-    dx.CAPACITY_FACTOR = 1.25  # expert capacity = ceil(cf * T / E) as in DAMEX's tutel layer; <= 0 = unlimited
+    dx.LOSS_COEF = 0.1  # cross-entropy coefficient toward the dataset's mapped expert, times the mean over MoE layers
+    dx.CAPACITY_FACTOR = 1.25  # expert capacity = int(cf * ceil(T / E)) as in DAMEX's tutel layer; <= 0 = unlimited
+    dx.GATE_NOISE = 1.0  # training: logits + GATE_NOISE * N(0, 1) / E pick the expert (tutel's gate_noise); 0 = none
+    dx.BATCH_PRIORITIZED = True  # capacity claimed by descending top probability (tutel's batch-prioritised routing)
+    dx.DATASET_TO_EXPERT = []  # [[dataset, expert], ...] per DATASETS.TRAIN dataset; [] = DAMEX's UODB map (UODB only)
     g.ADAPT = a = CN()
     a.NEW_EXPERTS = 0  # experts appended for a new domain in tools/adapt.py
     a.SHOTS = 10  # K-shot per class for the new domain
