@@ -93,6 +93,7 @@ def _add_gem(cfg: CN) -> None:
     r.L1_INIT = 1e-8  # initial coefficient of the load-weighted L1 penalty
     r.L1_MULTIPLIER = 1.2  # coefficient update factor toward the target sparsity
     r.TARGET_K = 1  # target active experts per token (sparsity 1 - k/E)
+    r.ACTIVE_CAP = 0.0  # > 0: at most ACTIVE_CAP * tokens computed assignments per layer call, largest gates first
     g.MOEPP = m = CN()
     m.K = 2  # experts per token
     m.NUM_ZERO = 1  # zero experts
