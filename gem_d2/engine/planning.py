@@ -30,6 +30,7 @@ from detectron2.utils import comm
 
 from gem_d2.engine.checkpoint import MappingMismatchError, read_checkpoint_mapping
 from gem_d2.planner import plan_from_cfg
+from gem_d2.planner.ablations import PLANNED_ROUTERS
 from gem_d2.planner.mapping import GemMapping
 from gem_d2.utils.files import atomic_write_text
 
@@ -40,9 +41,9 @@ logger = logging.getLogger(__name__)
 
 
 def needs_planning(cfg: CfgNode) -> bool:
-    """True when the ``gem`` router has MoE layers but ``MODEL.GEM.MAPPING`` is empty."""
+    """True when a planned router (``gem`` or an ablation, ``PLANNED_ROUTERS``) has MoE layers but an empty mapping."""
     g = cfg.MODEL.GEM
-    return str(g.ROUTER) == "gem" and len(g.MOE_LAYERS) > 0 and len(g.MAPPING) == 0
+    return str(g.ROUTER) in PLANNED_ROUTERS and len(g.MOE_LAYERS) > 0 and len(g.MAPPING) == 0
 
 
 def checkpoint_to_load(cfg: CfgNode, resume: bool) -> str:
