@@ -20,10 +20,17 @@ planned before training like GEM's (``gem_d2.engine.planning``, ``plan_from_cfg`
   plan's weights (the affinity renormalised over the two).
 - ``gem_nocap`` (``nocap``): the same LP without the capacity and no-dead-expert constraints: every unit on its
   ``k_u`` most similar experts (ties: lower expert id), however unbalanced.
+- ``gem_worst`` (``worst``): the worst grouping. Experts start exchangeable, so what a mapping decides is which
+  units share an expert; renaming the experts of a mapping changes GEM's objective but not the training. Among
+  the mappings that meet GEM's constraints (the ``random`` variant's set), the one whose best renaming
+  (``max_pi sum_u a_u sum_{e in S(u)} w_{u, pi(e)}``, a linear assignment) scores lowest, i.e. units grouped so
+  that no expert key suits a group. ``inverse`` is not that: with 2 experts its optimum is GEM's with the two
+  experts' names swapped (the same grouping), and in general similar units, whose affinity rows are alike, still
+  land together. Enumerated problems only (:data:`MAX_ENUMERATED` mappings).
 
 The returned :class:`~gem_d2.planner.plan.ExpertPlan` keeps GEM's problem (so its report shows each
 expert's load against GEM's capacities and the objective in GEM's terms); ``x_lp``/``lp_value`` are the GEM LP's
-for ``random`` (the bound the random mapping is measured against), the variant's own LP otherwise.
+for ``random`` and ``worst`` (the bound they are measured against), the variant's own LP otherwise.
 """
 from __future__ import annotations
 
@@ -45,9 +52,9 @@ __all__ = ["ROUTER_VARIANTS", "PLANNED_ROUTERS", "VARIANTS", "planner_variant", 
 logger = logging.getLogger(__name__)
 
 ROUTER_VARIANTS = {"gem": "affinity", "gem_k2": "affinity", "gem_random": "random", "gem_inverse": "inverse",
-                   "gem_nocap": "nocap"}
+                   "gem_nocap": "nocap", "gem_worst": "worst"}
 PLANNED_ROUTERS = tuple(ROUTER_VARIANTS)  # routers whose mapping is planned before training
-VARIANTS = ("affinity", "random", "inverse", "nocap")
+VARIANTS = ("affinity", "random", "inverse", "nocap", "worst")
 ROUTER_EXPERTS_PER_UNIT = {"gem_k2": 2}
 MAX_ENUMERATED = 1 << 20  # random: enumerate every mapping up to this many, else rejection-sample
 MAX_DRAWS = 1 << 20  # random: rejection-sampling draws before giving up
@@ -85,6 +92,27 @@ def _assignment(p: PlanProblem, sets, choice) -> np.ndarray:
     return x
 
 
+def _feasible_pool(p: PlanProblem, sets, incs, what: str):
+    """Every mapping as (total, m) choice indices, and the indices of those meeting the constraints (or, when none
+    meets the capacities, of the least-overflowing ones)."""
+    sizes = [len(s) for s in sets]
+    choice = np.indices(sizes).reshape(p.m, -1).T  # (total, m), row-major: deterministic order
+    load = sum(p.loads[u] * incs[u][choice[:, u]] for u in range(p.m))  # (total, n)
+    ok = np.ones(len(choice), dtype=bool)
+    if p.no_dead:
+        ok &= (sum(incs[u][choice[:, u]] for u in range(p.m)) > 0).all(axis=1)
+    if not ok.any():
+        raise PlanInfeasibleError("no_dead_expert", f"{what}: no mapping of {p.m} units onto {p.n} experts uses "
+                                                    "every expert")
+    over = np.clip(load - p.capacities, 0.0, None).max(axis=1)
+    best = over[ok].min()
+    pool = np.flatnonzero(ok & (over <= best + p.capacity_tol))
+    if best > p.capacity_tol:
+        logger.warning("%s: no mapping meets the capacities; choosing among the %d whose largest overflow is the "
+                       "smallest possible (%.4g)", what, pool.size, best)
+    return choice, pool
+
+
 def random_assignment(p: PlanProblem, seed: int) -> np.ndarray:
     """A 0/1 (m, n) mapping drawn uniformly from those meeting ``p``'s constraints (see the module docstring)."""
     rng = np.random.default_rng(int(seed))
@@ -93,20 +121,7 @@ def random_assignment(p: PlanProblem, seed: int) -> np.ndarray:
     incs = [_incidence(s, p.n) for s in sets]
     total = math.prod(sizes)
     if total <= MAX_ENUMERATED:
-        choice = np.indices(sizes).reshape(p.m, -1).T  # (total, m), row-major: deterministic order
-        load = sum(p.loads[u] * incs[u][choice[:, u]] for u in range(p.m))  # (total, n)
-        ok = np.ones(total, dtype=bool)
-        if p.no_dead:
-            ok &= (sum(incs[u][choice[:, u]] for u in range(p.m)) > 0).all(axis=1)
-        if not ok.any():
-            raise PlanInfeasibleError("no_dead_expert", f"random mapping: no mapping of {p.m} units onto {p.n} experts "
-                                                        "uses every expert")
-        worst = np.clip(load - p.capacities, 0.0, None).max(axis=1)
-        best = worst[ok].min()
-        pool = np.flatnonzero(ok & (worst <= best + p.capacity_tol))
-        if best > p.capacity_tol:
-            logger.warning("random mapping: no mapping meets the capacities; drawing among the %d whose largest "
-                           "overflow is the smallest possible (%.4g)", pool.size, best)
+        choice, pool = _feasible_pool(p, sets, incs, "random mapping")
         return _assignment(p, sets, choice[rng.choice(pool)])
     batch = 4096
     for _ in range(0, MAX_DRAWS, batch):
@@ -120,6 +135,29 @@ def random_assignment(p: PlanProblem, seed: int) -> np.ndarray:
             return _assignment(p, sets, choice[hits[0]])
     raise PlanInfeasibleError("capacity", f"random mapping: none of {MAX_DRAWS} uniform draws of a {p.m} x {p.n} "
                                           "mapping met the capacities; raise PLANNER.SLACK")
+
+
+def worst_grouping(p: PlanProblem) -> np.ndarray:
+    """The 0/1 (m, n) mapping meeting ``p``'s constraints whose best renaming of the experts scores lowest,
+    returned under that best renaming (see the module docstring); ties: the first in enumeration order."""
+    from scipy.optimize import linear_sum_assignment
+
+    sets = _expert_sets(p)
+    incs = [_incidence(s, p.n) for s in sets]
+    if math.prod(len(s) for s in sets) > MAX_ENUMERATED:
+        raise ValueError(f"gem_worst enumerates every mapping; {p.m} units x {p.n} experts are too many")
+    choice, pool = _feasible_pool(p, sets, incs, "worst grouping")
+    gain = p.gain
+    renamable = bool(np.allclose(p.capacities, p.capacities[0]))  # renaming keeps capacities only if all equal
+    best_value, best_x = None, None
+    for c in choice[pool]:
+        x = _assignment(p, sets, c)
+        score = x.T @ gain  # score[e, j]: the gain of the units on expert e if e were renamed j
+        cols = linear_sum_assignment(-score)[1] if renamable else np.arange(p.n)
+        value = float(score[np.arange(p.n), cols].sum())
+        if best_value is None or value < best_value - 1e-12:
+            best_value, best_x = value, x[:, np.argsort(cols)]  # expert e renamed cols[e]
+    return best_x
 
 
 def _top_k(p: PlanProblem) -> np.ndarray:
@@ -144,6 +182,9 @@ def plan_variant(variant: str, affinity, loads, k=1, slack: float = 0.1, beta: f
     if variant == "random":
         lp = solve_lp(p, solver)
         assign, x_lp, label = random_assignment(p, seed), lp.x, f"random(seed={int(seed)})"
+    elif variant == "worst":
+        lp = solve_lp(p, solver)
+        assign, x_lp, label = worst_grouping(p), lp.x, "worst-grouping"
     elif variant == "inverse":
         flipped = dataclasses.replace(p, affinity=p.affinity.max(axis=1, keepdims=True) - p.affinity)
         lp = solve_lp(flipped, solver)

@@ -1,8 +1,8 @@
 """The planner ablations as routers: ``gem``'s dispatch with the mapping of another planner variant.
 
-``gem_random``, ``gem_inverse``, ``gem_k2`` and ``gem_nocap`` route exactly like ``gem`` (no gate, no loss: each
-token goes to its unit's mapped experts with the mapping's weights). Their mappings are planned before training
-like GEM's, by the variant :mod:`gem_d2.planner.ablations` names for the router, and stored in
+``gem_random``, ``gem_inverse``, ``gem_k2``, ``gem_nocap`` and ``gem_worst`` route exactly like ``gem`` (no gate,
+no loss: each token goes to its unit's mapped experts with the mapping's weights). Their mappings are planned
+before training like GEM's, by the variant :mod:`gem_d2.planner.ablations` names for the router, and stored in
 ``MODEL.GEM.{UNITS, MAPPING, MAPPING_WEIGHTS}`` and every checkpoint.
 """
 from __future__ import annotations
@@ -41,3 +41,8 @@ class GEMTwoExpertRouter(PlannedAblationRouter):
 @register_router("gem_nocap")
 class GEMNoCapacityRouter(PlannedAblationRouter):
     """GEM's LP without capacities: every unit on its most similar experts, however unbalanced."""
+
+
+@register_router("gem_worst")
+class GEMWorstGroupingRouter(PlannedAblationRouter):
+    """The grouping of units onto experts that GEM's objective rates worst, whatever the experts are named."""

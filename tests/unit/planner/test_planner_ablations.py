@@ -136,7 +136,7 @@ def test_runs_plan_ablation_routers_through_plan_from_cfg(small_synth, tmp_path)
     datasets = synthetic.train_dataset_names()
     aff = fake_affinity(datasets, 2)
     mappings = {}
-    for router in ("gem", "gem_random", "gem_inverse", "gem_nocap", "gem_k2"):
+    for router in ("gem", "gem_random", "gem_inverse", "gem_nocap", "gem_worst", "gem_k2"):
         cfg = make_cfg(datasets)
         cfg.MODEL.GEM.ROUTER, cfg.MODEL.GEM.NUM_EXPERTS = router, 2
         assert needs_planning(cfg)
@@ -151,7 +151,18 @@ def test_runs_plan_ablation_routers_through_plan_from_cfg(small_synth, tmp_path)
     assert mappings["gem_inverse"].rounded_value < mappings["gem"].rounded_value
     assert mappings["gem_k2"].mapping == [[0, 1]] * 5
     assert mappings["gem_nocap"].mapping == [[int(np.argmax(r))] for r in aff.affinity]
-    assert not mappings["gem_random"].overflow.any()
+    assert not mappings["gem_random"].overflow.any() and not mappings["gem_worst"].overflow.any()
+    # the worst grouping, even under its best renaming, scores no higher than any other grouping under its best
+    from scipy.optimize import linear_sum_assignment
+
+    def best_renamed(plan):
+        score = plan.assignment.T @ plan.problem.gain
+        rows, cols = linear_sum_assignment(-score)
+        return score[rows, cols].sum()
+
+    worst = best_renamed(mappings["gem_worst"])
+    assert worst == pytest.approx(mappings["gem_worst"].rounded_value)
+    assert all(worst <= best_renamed(mappings[r]) + 1e-12 for r in ("gem", "gem_random", "gem_inverse"))
     cfg = make_cfg(datasets)
     cfg.MODEL.GEM.ROUTER = "topk"
     assert not needs_planning(cfg)
@@ -174,7 +185,7 @@ def test_ablation_routers_dispatch_with_the_stored_mapping_like_gem():
         moe_spec_from_cfg(cfg, ["abl_a", "abl_b"])
     cfg.MODEL.GEM.EXPERTS_PER_UNIT = 2
     outputs = {}
-    for router in ("gem", "gem_k2", "gem_random", "gem_inverse", "gem_nocap"):
+    for router in ("gem", "gem_k2", "gem_random", "gem_inverse", "gem_nocap", "gem_worst"):
         cfg.MODEL.GEM.ROUTER = router
         spec = moe_spec_from_cfg(cfg, ["abl_a", "abl_b"])
         torch.manual_seed(0)
@@ -185,3 +196,24 @@ def test_ablation_routers_dispatch_with_the_stored_mapping_like_gem():
         assert ctx.aux_losses == {}
     for router, out in outputs.items():
         torch.testing.assert_close(out, outputs["gem"], msg=router)
+
+
+def groups(x):
+    """The units sharing each expert, whatever the experts' names."""
+    return sorted(sorted(np.flatnonzero(col).tolist()) for col in np.asarray(x).T)
+
+
+def test_worst_grouping_pairs_dissimilar_units_where_inverse_only_renames_experts():
+    # units 0, 1 prefer expert 0's key; units 2, 3 expert 1's; capacity: two units per expert
+    w = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.1, 0.9]])
+    gem = plan_variant("affinity", w, np.ones(4), k=1, slack=0.1, milp=False)
+    inverse = plan_variant("inverse", w, np.ones(4), k=1, slack=0.1, milp=False)
+    worst = plan_variant("worst", w, np.ones(4), k=1, slack=0.1, milp=False)
+    assert groups(gem.assignment) == [[0, 1], [2, 3]]
+    assert groups(inverse.assignment) == groups(gem.assignment)  # the same grouping, the experts' names swapped
+    assert inverse.mapping == [[1], [1], [0], [0]]
+    assert groups(worst.assignment) == [[0, 3], [1, 2]]  # no expert key suits either group
+    assert not worst.overflow.any() and worst.rounded_value < gem.rounded_value
+    # its best renaming was taken: no other renaming of the same grouping scores higher
+    swapped = worst.assignment[:, ::-1]
+    assert worst.rounded_value >= worst.problem.value(swapped)
