@@ -61,7 +61,7 @@ def _add_dino(cfg: CN) -> None:
 
 def _add_gem(cfg: CN) -> None:
     cfg.MODEL.GEM = g = CN()
-    g.ROUTER = "gem"  # gem | dense | topk | softmoe | remoe | moepp | damex (ROUTER_REGISTRY name)
+    g.ROUTER = "gem"  # gem | dense | topk | softmoe | remoe | moepp | damex | gem_random | ... (ROUTER_REGISTRY name)
     g.NUM_EXPERTS = 8  # experts per MoE layer
     g.MOE_LAYERS = ["decoder.0", "decoder.2", "decoder.4"]  # FFNs that become expert banks
     g.EXPERTS_PER_UNIT = 1  # k_u: experts each unit is mapped to

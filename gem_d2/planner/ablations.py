@@ -24,9 +24,10 @@ planned before training like GEM's (``gem_d2.engine.planning``, ``plan_from_cfg`
   units share an expert; renaming the experts of a mapping changes GEM's objective but not the training. Among
   the mappings that meet GEM's constraints (the ``random`` variant's set), the one whose best renaming
   (``max_pi sum_u a_u sum_{e in S(u)} w_{u, pi(e)}``, a linear assignment) scores lowest, i.e. units grouped so
-  that no expert key suits a group. ``inverse`` is not that: with 2 experts its optimum is GEM's with the two
-  experts' names swapped (the same grouping), and in general similar units, whose affinity rows are alike, still
-  land together. Enumerated problems only (:data:`MAX_ENUMERATED` mappings).
+  that no expert key suits a group. ``inverse`` is not that: with 2 experts (equal capacities, softmax affinity
+  rows, k = 1) its optimum is GEM's with the two experts' names swapped (the same grouping), and in general
+  similar units, whose affinity rows are alike, still land together. Enumerated problems only
+  (:data:`MAX_ENUMERATED` mappings).
 
 The returned :class:`~gem_d2.planner.plan.ExpertPlan` keeps GEM's problem (so its report shows each
 expert's load against GEM's capacities and the objective in GEM's terms); ``x_lp``/``lp_value`` are the GEM LP's
