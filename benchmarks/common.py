@@ -4,7 +4,8 @@
   :func:`device_name`, :func:`load_average`;
 - timing: :func:`sync` (wait for a CUDA device), :func:`timed` (wall and process CPU time of one call),
   :func:`set_threads`, :func:`restored_num_threads`;
-- reports: :func:`write_json`, :func:`write_text` (atomic, through ``gem_d2.utils.files``);
+- reports: :func:`write_json`, :func:`write_text` (atomic, through ``gem_d2.utils.files``); training logs:
+  :func:`read_metrics`, :func:`step_weighted_mean`;
 - training subprocesses (``study``, ``adapt``): :data:`QUICK_TRAIN_OPTS`, :func:`subprocess_env`,
   :func:`run_logged`;
 - configs: :func:`fixed_gem_mapping`, :func:`synth_damex_map` / :func:`synth_damex_opts` (damex's hand map of
@@ -166,6 +167,36 @@ def run_logged(cmd: List[str], log: str, what: str) -> None:
         with open(log) as f:
             tail = f.read()[-3000:]
         raise RuntimeError(f"{what} failed (exit {proc.returncode}); log {log}:\n{tail}")
+
+
+def read_metrics(path: str) -> List[dict]:
+    """detectron2's ``metrics.json`` (one JSON record per line) as records sorted by ``iteration``; when a resumed
+    run logged an iteration again, its latest record counts. Missing file: ``[]``."""
+    if not os.path.isfile(path):
+        return []
+    by_iter = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                record = json.loads(line)
+                if "iteration" in record:
+                    by_iter[int(record["iteration"])] = record
+    return [by_iter[i] for i in sorted(by_iter)]
+
+
+def step_weighted_mean(records: Sequence[dict], key: str) -> Optional[float]:
+    """Mean over training steps of a value logged as window means (e.g. ``routing/<layer>/...``): each record's
+    value weighs the iterations since the previous record holding ``key``. None when no record has it."""
+    total = steps = 0.0
+    last = -1
+    for r in records:
+        if key in r:
+            it = int(r["iteration"])
+            total += (it - last) * float(r[key])
+            steps += it - last
+            last = it
+    return total / steps if steps > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------- configs
