@@ -19,7 +19,15 @@ import sys
 import time
 from typing import List
 
-from benchmarks.common import DEMO_CONFIG, QUICK_TRAIN_OPTS, REPO, run_logged, write_json, write_text
+from benchmarks.common import (
+    DEMO_CONFIG,
+    QUICK_TRAIN_OPTS,
+    REPO,
+    run_logged,
+    synth_damex_opts,
+    write_json,
+    write_text,
+)
 
 ROOT = str(REPO)
 CONFIG = os.path.join(ROOT, DEMO_CONFIG)
@@ -59,6 +67,9 @@ def run(args) -> dict:
     keep = [d for d in DOMAINS if d != args.holdout]
     train = "(" + ",".join(f"'synth_{d}_train'" for d in keep) + ",)"
     test = "(" + ",".join(f"'synth_{d}_test'" for d in keep) + ",)"
+    # damex trains toward a hand-written map; the K-shot dataset joins the expert of its closest domain
+    keep_train = [f"synth_{d}_train" for d in keep]
+    from gem_d2.data.fewshot import few_shot_name
     t0 = time.time()
     rows = []
     for router in routers:
@@ -67,7 +78,9 @@ def run(args) -> dict:
             print(f"[adapt] training {router} on {keep} for {args.iters} iterations ...", flush=True)
             os.makedirs(base, exist_ok=True)
             run_tool([sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--resume",
-                      "--config-file", CONFIG, *common, "OUTPUT_DIR", base, "MODEL.GEM.ROUTER", router,
+                      "--config-file", CONFIG, *common,
+                      *(synth_damex_opts(keep_train, len(keep)) if router == "damex" else []),
+                      "OUTPUT_DIR", base, "MODEL.GEM.ROUTER", router,
                       "MODEL.GEM.NUM_EXPERTS", str(len(keep)), "DATASETS.TRAIN", train, "DATASETS.TEST", test,
                       "SOLVER.MAX_ITER", str(args.iters),
                       "SOLVER.STEPS", f"({int(0.9 * args.iters)},)" if args.iters >= 10 else "()",
@@ -76,13 +89,15 @@ def run(args) -> dict:
         for k in shots:
             adapted = os.path.join(out, f"{router}_{k}shot")
             result_file = os.path.join(adapted, "adapt_result.json")
+            few = few_shot_name(f"synth_{args.holdout}_train", k, 0)  # MODEL.GEM.ADAPT.SEED's default
+            damex_adapt = synth_damex_opts(keep_train, len(keep), [few]) if router == "damex" else []
             if not os.path.isfile(result_file):
                 print(f"[adapt] {router}: {k}-shot adaptation to {args.holdout} ...", flush=True)
                 os.makedirs(adapted, exist_ok=True)
                 run_tool([sys.executable, os.path.join(ROOT, "tools", "adapt.py"), "--config-file",
                           os.path.join(base, "config.yaml"), "--weights", os.path.join(base, "model_final.pth"),
                           "--new-dataset", f"synth_{args.holdout}_train", "--new-test", f"synth_{args.holdout}_test",
-                          "--shots", str(k), "--output-dir", adapted, *common,
+                          "--shots", str(k), "--output-dir", adapted, *common, *damex_adapt,
                           "MODEL.GEM.ADAPT.MAX_ITER", str(args.adapt_iters),
                           "MODEL.GEM.ADAPT.BASE_LR", str(args.adapt_lr),
                           "MODEL.GEM.ADAPT.NEW_EXPERTS", str(args.new_experts if router == "gem" else 0)],

@@ -4,10 +4,12 @@
   :func:`device_name`, :func:`load_average`;
 - timing: :func:`sync` (wait for a CUDA device), :func:`timed` (wall and process CPU time of one call),
   :func:`set_threads`, :func:`restored_num_threads`;
-- reports: :func:`write_json`, :func:`write_text` (atomic, through ``gem_d2.utils.files``);
+- reports: :func:`write_json`, :func:`write_text` (atomic, through ``gem_d2.utils.files``); training logs:
+  :func:`read_metrics`, :func:`step_weighted_mean`;
 - training subprocesses (``study``, ``adapt``): :data:`QUICK_TRAIN_OPTS`, :func:`subprocess_env`,
   :func:`run_logged`;
-- configs: :func:`fixed_gem_mapping`, :func:`autocast_dtype`;
+- configs: :func:`fixed_gem_mapping`, :func:`synth_damex_map` / :func:`synth_damex_opts` (damex's hand map of
+  the generated domains), :func:`autocast_dtype`;
 - options: :func:`add_output`, :func:`add_threads`, :func:`add_model_arguments`, :func:`add_config_opts`.
 
 torch, detectron2 and gem_d2 are imported inside the functions, so ``--list`` and ``--help`` stay fast.
@@ -167,6 +169,36 @@ def run_logged(cmd: List[str], log: str, what: str) -> None:
         raise RuntimeError(f"{what} failed (exit {proc.returncode}); log {log}:\n{tail}")
 
 
+def read_metrics(path: str) -> List[dict]:
+    """detectron2's ``metrics.json`` (one JSON record per line) as records sorted by ``iteration``; when a resumed
+    run logged an iteration again, its latest record counts. Missing file: ``[]``."""
+    if not os.path.isfile(path):
+        return []
+    by_iter = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                record = json.loads(line)
+                if "iteration" in record:
+                    by_iter[int(record["iteration"])] = record
+    return [by_iter[i] for i in sorted(by_iter)]
+
+
+def step_weighted_mean(records: Sequence[dict], key: str) -> Optional[float]:
+    """Mean over training steps of a value logged as window means (e.g. ``routing/<layer>/...``): each record's
+    value weighs the iterations since the previous record holding ``key``. None when no record has it."""
+    total = steps = 0.0
+    last = -1
+    for r in records:
+        if key in r:
+            it = int(r["iteration"])
+            total += (it - last) * float(r[key])
+            steps += it - last
+            last = it
+    return total / steps if steps > 0 else None
+
+
 # ---------------------------------------------------------------------------------------------- configs
 
 
@@ -177,6 +209,50 @@ def fixed_gem_mapping(cfg) -> None:
     units = list(cfg.DATASETS.TRAIN)
     experts = int(cfg.MODEL.GEM.NUM_EXPERTS)
     GemMapping.create(units, [[i % experts] for i in range(len(units))], num_experts=experts).to_cfg(cfg)
+
+
+# The damex router's hand-written dataset -> expert map for the generated domains, written by the rule DAMEX's
+# UODB map follows: one expert per dataset, datasets of overlapping content merged when experts run out (KITTI
+# into LISA's, VOC and Comic into COCO's). Keyed by the number of experts when it is below the number of domains.
+SYNTH_DAMEX_GROUPS = {
+    4: (("photo", "sketch"), ("cartoon",), ("medical",), ("aerial",)),  # sketch: 2 of its 3 classes are photo's
+    2: (("photo", "cartoon", "sketch"), ("medical", "aerial")),  # the shape domains / the scene domains
+}
+
+
+def synth_domain(dataset: str) -> str:
+    """``synth_<domain>_<split>...`` -> ``<domain>`` (domain names have no underscore)."""
+    return dataset[len("synth_"):].split("_")[0]
+
+
+def synth_damex_map(train_datasets: Sequence[str], num_experts: int, extra: Sequence[str] = ()) -> List[list]:
+    """``[[dataset, expert], ...]`` (``MODEL.GEM.DAMEX.DATASET_TO_EXPERT``) for generated training datasets.
+
+    As many experts as datasets: one each, in order; otherwise :data:`SYNTH_DAMEX_GROUPS`. Each dataset of
+    ``extra`` (a domain added later, e.g. by few-shot adaptation) joins the expert of the training domain that
+    shares most class names with it (ties: the earlier one)."""
+    from gem_d2.data.synthetic import DOMAIN_CLASSES
+
+    names = list(train_datasets)
+    domains = [synth_domain(d) for d in names]
+    if num_experts >= len(domains):
+        expert = {d: i for i, d in enumerate(domains)}
+    else:
+        groups = SYNTH_DAMEX_GROUPS.get(num_experts, ())
+        expert = {d: j for j, group in enumerate(groups) for d in group}
+        if sorted(expert) != sorted(domains):
+            raise ValueError(f"no hand-written damex map of {domains} onto {num_experts} experts; set "
+                             "MODEL.GEM.DAMEX.DATASET_TO_EXPERT")
+    table = [[name, expert[d]] for name, d in zip(names, domains)]
+    for name in extra:
+        shared = [len(set(DOMAIN_CLASSES[synth_domain(name)]) & set(DOMAIN_CLASSES[d])) for d in domains]
+        table.append([name, expert[domains[shared.index(max(shared))]]])
+    return table
+
+
+def synth_damex_opts(train_datasets: Sequence[str], num_experts: int, extra: Sequence[str] = ()) -> List[str]:
+    """The ``KEY VALUE`` override that gives the damex router :func:`synth_damex_map`."""
+    return ["MODEL.GEM.DAMEX.DATASET_TO_EXPERT", repr(synth_damex_map(train_datasets, num_experts, extra))]
 
 
 def autocast_dtype(cfg, enabled: bool):

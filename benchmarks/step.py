@@ -23,7 +23,7 @@ remoe          REMOE.TARGET_K 1: the *target*; ReLU gates of a fresh model are p
                benchmark a ReMoE token uses ~E/2 experts (the measured figure is in the table)
 moepp          MOEPP.K 1 (the config default 2 could send a token to two FFN experts): the top-1 route
                is an FFN expert or a zero / copy / constant expert, so <= 1 FFN per token
-damex          top-1 gate trained toward the dataset's expert of the same mapping; capacity from config
+damex          top-1 gate trained toward the hand-written map's expert (benchmarks.common.synth_damex_map)
 =============  =====================================================================================
 
 "FFN evals/token" is measured, not assumed: the rows the expert banks processed in the MoE layers
@@ -79,6 +79,7 @@ from benchmarks.common import (
     fixed_gem_mapping,
     load_average,
     set_threads,
+    synth_damex_map,
     timed,
     write_json,
 )
@@ -122,6 +123,8 @@ def base_cfg(config_file: str, opts, device: str, seed: int):
     g.EXPERTS_PER_UNIT = 1
     if not g.MAPPING or any(len(row) != 1 for row in g.MAPPING):
         fixed_gem_mapping(cfg)  # dataset i -> expert i % E instead of running the planner
+    if not g.DAMEX.DATASET_TO_EXPERT and all(d.startswith("synth_") for d in cfg.DATASETS.TRAIN):
+        g.DAMEX.DATASET_TO_EXPERT = synth_damex_map(cfg.DATASETS.TRAIN, int(g.NUM_EXPERTS))  # damex's hand map
     return cfg
 
 

@@ -67,7 +67,7 @@ def _add_dino(cfg: CN) -> None:
 
 def _add_gem(cfg: CN) -> None:
     cfg.MODEL.GEM = g = CN()
-    g.ROUTER = "gem"  # gem | dense | topk | softmoe | remoe | moepp | damex (ROUTER_REGISTRY name)
+    g.ROUTER = "gem"  # gem | dense | topk | softmoe | remoe | moepp | damex | gem_random | ... (ROUTER_REGISTRY name)
     g.NUM_EXPERTS = 8  # experts per MoE layer
     g.MOE_LAYERS = ["decoder.0", "decoder.2", "decoder.4"]  # FFNs that become expert banks
     g.EXPERTS_PER_UNIT = 1  # k_u: experts each unit is mapped to
@@ -100,6 +100,7 @@ def _add_gem(cfg: CN) -> None:
     r.L1_INIT = 1e-8  # initial coefficient of the load-weighted L1 penalty
     r.L1_MULTIPLIER = 1.2  # coefficient update factor toward the target sparsity
     r.TARGET_K = 1  # target active experts per token (sparsity 1 - k/E)
+    r.ACTIVE_CAP = 0.0  # > 0: at most ACTIVE_CAP * tokens computed assignments per layer call, largest gates first
     g.MOEPP = m = CN()
     m.K = 2  # experts per token
     m.NUM_ZERO = 1  # zero experts
@@ -107,8 +108,11 @@ def _add_gem(cfg: CN) -> None:
     m.NUM_CONSTANT = 2  # constant experts
     m.BALANCE_COEF = 0.01  # load-balancing loss coefficient over all experts
     g.DAMEX = dx = CN()
-    dx.LOSS_COEF = 0.1  # cross-entropy coefficient toward the dataset's mapped expert
-    dx.CAPACITY_FACTOR = 1.25  # expert capacity = ceil(cf * T / E) as in DAMEX's tutel layer; <= 0 = unlimited
+    dx.LOSS_COEF = 0.1  # cross-entropy coefficient toward the dataset's mapped expert, times the mean over MoE layers
+    dx.CAPACITY_FACTOR = 1.25  # expert capacity = int(cf * ceil(T / E)) as in DAMEX's tutel layer; <= 0 = unlimited
+    dx.GATE_NOISE = 1.0  # training: logits + GATE_NOISE * N(0, 1) / E pick the expert (tutel's gate_noise); 0 = none
+    dx.BATCH_PRIORITIZED = True  # capacity claimed by descending top probability (tutel's batch-prioritised routing)
+    dx.DATASET_TO_EXPERT = []  # [[dataset, expert], ...] per DATASETS.TRAIN dataset; [] = DAMEX's UODB map (UODB only)
     g.ADAPT = a = CN()
     a.NEW_EXPERTS = 0  # experts appended for a new domain in tools/adapt.py
     a.SHOTS = 10  # K-shot per class for the new domain

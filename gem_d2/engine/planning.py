@@ -49,6 +49,7 @@ from gem_d2.engine.checkpoint_records import (
 )
 from gem_d2.engine.resume import resume_checkpoint
 from gem_d2.planner import plan_from_cfg
+from gem_d2.planner.ablations import PLANNED_ROUTERS
 from gem_d2.planner.mapping import GemMapping
 from gem_d2.utils.files import atomic_write_text
 
@@ -60,9 +61,9 @@ logger = logging.getLogger(__name__)
 
 
 def needs_planning(cfg: CfgNode) -> bool:
-    """True when the ``gem`` router has MoE layers but ``MODEL.GEM.MAPPING`` is empty."""
+    """True when a planned router (``gem`` or an ablation, ``PLANNED_ROUTERS``) has MoE layers but an empty mapping."""
     g = cfg.MODEL.GEM
-    return str(g.ROUTER) == "gem" and len(g.MOE_LAYERS) > 0 and len(g.MAPPING) == 0
+    return str(g.ROUTER) in PLANNED_ROUTERS and len(g.MOE_LAYERS) > 0 and len(g.MAPPING) == 0
 
 
 def checkpoint_to_load(cfg: CfgNode, resume: bool) -> str:

@@ -16,7 +16,8 @@ the image's pooled backbone features picks it (:mod:`gem_d2.modeling.auto_routin
 :meth:`GEMDINO.fit_dataset_classifier`), and each
 output also carries ``"routed_dataset"`` (a ``DATASETS.TRAIN`` name).
 
-After each forward, ``self.routing_stats`` holds the routers' ``RoutingContext.stats`` (detached).
+After each forward, ``self.routing_stats`` holds the routers' ``RoutingContext.stats`` (detached), with
+each MoE layer's FFN evaluations per token (:mod:`gem_d2.modeling.moe.ffn_count`).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from gem_d2.modeling.dino.detector import DINO, class_block_masks
 from gem_d2.modeling.dino.matcher import HungarianMatcher
 from gem_d2.modeling.dino.transformer import build_dino_transformer
 from gem_d2.modeling.moe.context import MoESpec
+from gem_d2.modeling.moe.ffn_count import count_ffn_evaluations
 from gem_d2.modeling.moe.spec import moe_spec_from_cfg
 from gem_d2.utils.checks import check_index_range
 
@@ -90,6 +92,7 @@ class GEMDINO(nn.Module):
         self.backbone = backbone
         self.in_features = list(in_features)
         self.dino = dino
+        count_ffn_evaluations(self.dino)  # routing_stats["<layer>/ffn_evals_per_token"] of every MoE layer
         self.criterion = criterion
         self.num_select = num_select
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)

@@ -11,6 +11,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from gem_d2.data.build import dataset_sampling_weights
+from gem_d2.planner.ablations import check_router_cfg, plan_variant, planner_variant
 from gem_d2.planner.affinity import AffinityResult, affinity_from_prototypes, compute_affinity, cosine_matrix
 from gem_d2.planner.extend import expert_keys_from_mapping, plan_new_units
 from gem_d2.planner.mapping import GemMapping
@@ -38,6 +39,7 @@ def _check_planner_cfg(cfg) -> None:
     if pl.LEVEL not in ("dataset", "class"):
         raise ValueError(f"MODEL.GEM.PLANNER.LEVEL={pl.LEVEL!r}; expected 'dataset' or 'class'")
     check_solver(pl.SOLVER)
+    check_router_cfg(cfg)
     k, n = int(cfg.MODEL.GEM.EXPERTS_PER_UNIT), int(cfg.MODEL.GEM.NUM_EXPERTS)
     if not 1 <= k <= n:
         raise ValueError(f"MODEL.GEM.EXPERTS_PER_UNIT={k} must be in [1, MODEL.GEM.NUM_EXPERTS={n}]")
@@ -65,9 +67,11 @@ def plan_from_cfg(cfg, output_dir: Optional[str] = None, affinity: Optional[Affi
     shares = dataset_load_shares(cfg)
     loads = np.array([shares[d] for d in aff.datasets]) * aff.share_in_dataset
     time_limit = float(pl.MILP_TIME_LIMIT)
-    plan = plan_mapping(aff.affinity, loads, k=int(cfg.MODEL.GEM.EXPERTS_PER_UNIT), slack=float(pl.SLACK),
+    variant = planner_variant(cfg.MODEL.GEM.ROUTER)  # GEM's plan, or an ablation's (gem_random, gem_inverse, ...)
+    plan = plan_variant(variant, aff.affinity, loads, k=int(cfg.MODEL.GEM.EXPERTS_PER_UNIT), slack=float(pl.SLACK),
                         beta=float(pl.BETA), solver=pl.SOLVER, rounding=pl.ROUNDING, unit_names=aff.unit_names,
-                        milp=None if time_limit > 0 else False, milp_time_limit=time_limit if time_limit > 0 else None)
+                        seed=int(pl.SEED), milp=None if time_limit > 0 else False,
+                        milp_time_limit=time_limit if time_limit > 0 else None)
     plan.times["affinity"] = aff.seconds
     mapping = GemMapping.from_plan(plan, moe_layers=cfg.MODEL.GEM.MOE_LAYERS)
     logger.info("GEM planner result:\n" + plan.format_report())
@@ -81,7 +85,8 @@ def plan_from_cfg(cfg, output_dir: Optional[str] = None, affinity: Optional[Affi
                        evidence["unit_key_cosine_std"], FLAT_COSINE_STD)
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
-        header = (f"GEM expert mapping from gem_d2's planner (rounding={plan.rounding}, solver={plan.solver}, "
+        header = (f"GEM expert mapping from gem_d2's planner (router={cfg.MODEL.GEM.ROUTER}, rounding={plan.rounding}, "
+                  f"solver={plan.solver}, "
                   f"level={pl.LEVEL}).\nMerge into a config that had add_gem_config (cfg.merge_from_file) or name "
                   "this file as _BASE_.")
         mapping.save(os.path.join(output_dir, PLAN_YAML), header=header)

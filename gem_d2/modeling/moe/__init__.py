@@ -5,6 +5,7 @@ by ``MODEL.GEM.ROUTER`` (``ROUTER_REGISTRY``) decides which experts each token u
 package registers the built-in routers: gem, dense, topk, softmoe, remoe, moepp, damex. See
 :mod:`.base` for the router interface.
 """
+from gem_d2.modeling.moe import router_gem_ablations  # noqa: F401  (registers gem_random, gem_inverse, gem_k2, gem_nocap, gem_worst)
 from gem_d2.modeling.moe.base import ROUTER_REGISTRY, MoEResult, Router, RoutingPlan, TokenBatch, register_router
 from gem_d2.modeling.moe.dispatch import grouped_dispatch
 from gem_d2.modeling.moe.experts import ExpertBank

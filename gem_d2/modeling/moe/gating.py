@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +17,25 @@ def expert_capacity(capacity_factor: float, num_tokens: int, k: int, num_experts
     return int(math.ceil(capacity_factor * num_tokens * k / num_experts))
 
 
+def tutel_capacity(capacity_factor: float, num_tokens: int, k: int, num_experts: int) -> int:
+    """tutel's capacity, ``k * int(cf * ceil(T / E))`` assignments per expert; ``cf <= 0`` means unlimited."""
+    if capacity_factor <= 0:
+        return num_tokens * k
+    return k * int(capacity_factor * math.ceil(num_tokens / num_experts))
+
+
 def capacity_dropped(expert_index: torch.Tensor, valid: torch.Tensor, num_experts: int,
-                     capacity: int) -> torch.Tensor:
+                     capacity: int, priority: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(T, k) bool: assignments beyond an expert's ``capacity``, plus every assignment of an invalid token.
 
-    Priority is GShard's: all first choices in token order, then all second choices, and so on.
+    Priority is GShard's: all first choices in token order, then all second choices, and so on. With
+    ``priority`` (T,) (batch-prioritised routing, tutel's ``batch_prioritized_routing``), the tokens of each
+    round are taken in descending priority instead (ties in token order), e.g. the top gate probability.
     """
+    if priority is not None:
+        order = torch.argsort(priority, descending=True, stable=True)
+        ranked = capacity_dropped(expert_index[order], valid[order], num_experts, capacity)
+        return torch.empty_like(ranked).index_copy_(0, order, ranked)
     T, k = expert_index.shape
     onehot = F.one_hot(expert_index.t(), num_experts) * valid[None, :, None].long()  # (k, T, E)
     position = onehot.reshape(k * T, num_experts).cumsum(0).reshape(k, T, num_experts) - 1

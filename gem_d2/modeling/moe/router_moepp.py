@@ -28,10 +28,11 @@ class MoEPlusPlusRouter(Router):
     logits = W_g x (fp32) + W_res * prev_logits when ``tokens.prev_logits`` (T, R) comes from the previous
     MoE++ layer of the stack (gating residual; W_res starts at 0); p = softmax(logits); each
     token takes its top-k routes with weights renormalised over the k (a zero expert's share is
-    discarded, as the paper's zero expert outputs 0). The public code (inference only) instead zeroes
-    the zero expert's weight before renormalising. Aux loss "balance" = ``balance_coef * R * sum_r f_r P_r``
-    over all routes (f_r: share of the valid tokens' k choices); the paper's heterogeneous weighting
-    is not public and is not used. The router exports its logits for the next layer.
+    discarded, as the paper's zero expert outputs 0); with k = 1 the weight is the raw probability (Switch's
+    choice: renormalised it would always be 1 and the task loss would never reach the gate). The public code
+    (inference only) instead zeroes the zero expert's weight before renormalising. Aux loss "balance" =
+    ``balance_coef * R * sum_r f_r P_r`` over all routes (f_r: share of the valid tokens' k choices); the
+    paper's heterogeneous weighting is not public and is not used. The router exports its logits for the next layer.
     """
 
     def __init__(self, d_model: int, num_experts: int, k: int = 2, num_zero: int = 1, num_copy: int = 1,
@@ -75,7 +76,7 @@ class MoEPlusPlusRouter(Router):
                 logits = logits + self.residual(prev.to(logits.dtype))
         probs = logits.softmax(-1)
         top_p, top_i = probs.topk(self.k, dim=-1)
-        weight = top_p / top_p.sum(-1, keepdim=True)
+        weight = top_p if self.k == 1 else top_p / top_p.sum(-1, keepdim=True)
         dropped = ~valid[:, None].expand(T, self.k)
         aux = {"balance": self.balance_coef * switch_balance_loss(probs, top_i, valid)}
         return RoutingPlan(top_i, weight, dropped, aux, extra_output=self._non_ffn_output(x, top_i, weight, valid),

@@ -11,6 +11,7 @@ from gem_d2.modeling.moe.base import (
     Router,
     RoutingPlan,
     TokenBatch,
+    check_nonnegative,
     check_positive_int,
     register_router,
     router_logits_fp32,
@@ -27,11 +28,18 @@ class ReMoERouter(Router):
     (share of zero gates among valid tokens) is below the target ``1 - k/E``, divided otherwise. Under
     torch.distributed the sparsity is all-reduced in training mode (one small collective per layer),
     so every rank applies the same update. Stats: "remoe_sparsity", "remoe_l1_coef".
+
+    ``active_cap`` > 0 (not in ReMoE; for compute-matched comparisons) bounds the computed assignments of a layer
+    call to ``floor(active_cap * T)``: when more gates are open, only the largest ``floor(active_cap * T)`` gate
+    values of the whole call are computed (each token keeps a variable number of experts, the batch at most
+    ``active_cap`` FFN evaluations per token on average); the loss and the sparsity controller still see every
+    open gate. Stat "remoe_capped_fraction": open gates left out / open gates.
     """
 
     def __init__(self, d_model: int, num_experts: int, l1_init: float = 1e-8, l1_multiplier: float = 1.2,
-                 target_k: int = 1):
+                 target_k: int = 1, active_cap: float = 0.0):
         super().__init__(d_model, num_experts)
+        self.active_cap = check_nonnegative(active_cap, "MODEL.GEM.REMOE.ACTIVE_CAP")
         if not float(l1_init) > 0:
             raise ValueError(f"MODEL.GEM.REMOE.L1_INIT={l1_init!r}: expected > 0")
         if not float(l1_multiplier) > 1:
@@ -50,7 +58,7 @@ class ReMoERouter(Router):
     @classmethod
     def kwargs_from_cfg(cls, cfg, dataset_names: List[str]) -> dict:
         r = cfg.MODEL.GEM.REMOE
-        return dict(l1_init=r.L1_INIT, l1_multiplier=r.L1_MULTIPLIER, target_k=r.TARGET_K)
+        return dict(l1_init=r.L1_INIT, l1_multiplier=r.L1_MULTIPLIER, target_k=r.TARGET_K, active_cap=r.ACTIVE_CAP)
 
     def route(self, tokens: TokenBatch) -> RoutingPlan:
         gates = torch.relu(router_logits_fp32(self.gate, tokens.x))  # (T, E)
@@ -71,5 +79,19 @@ class ReMoERouter(Router):
                 factor = self.l1_multiplier if float(sparsity) < self.target_sparsity else 1.0 / self.l1_multiplier
                 self.l1_coef.mul_(factor)
         index = torch.arange(E, device=gates.device).expand(T, E)
-        return RoutingPlan(index, gates, ~(gates > 0), {"remoe_l1": loss},
-                           stats={"remoe_sparsity": sparsity.float(), "remoe_l1_coef": coef.float()})
+        stats = {"remoe_sparsity": sparsity.float(), "remoe_l1_coef": coef.float()}
+        computed = on
+        if self.active_cap > 0:
+            computed = self._capped(gates, on, int(self.active_cap * int(valid.sum())))
+            stats["remoe_capped_fraction"] = (on.sum() - computed.sum()).float() / on.sum().clamp(min=1).float()
+        return RoutingPlan(index, gates, ~computed, {"remoe_l1": loss}, stats=stats)
+
+    @staticmethod
+    def _capped(gates: torch.Tensor, on: torch.Tensor, budget: int) -> torch.Tensor:
+        """(T, E) bool: the ``budget`` largest open gates of the call (all of them when they fit)."""
+        if int(on.sum()) <= budget:
+            return on
+        flat = gates.detach().masked_fill(~on, float("-inf")).reshape(-1)
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[flat.topk(budget).indices] = True
+        return keep.reshape(on.shape) & on

@@ -172,7 +172,7 @@ def test_topk_bad_arguments():
 
 def test_damex_cross_entropy_toward_mapped_expert_and_gate_routing():
     E = 4
-    moe = make_moe("damex", E, dataset_to_expert=[2, 0, 3], loss_coef=0.1, capacity_factor=0.0)
+    moe = make_moe("damex", E, dataset_to_expert=[2, 0, 3], loss_coef=0.1, capacity_factor=0.0, gate_noise=0.0)
     x = torch.randn(3, 4, C, dtype=torch.float64)
     ctx = RoutingContext(dataset_ids=torch.tensor([0, 1, 2]))
     out = moe.train()(x, ctx)
@@ -189,8 +189,8 @@ def test_damex_cross_entropy_toward_mapped_expert_and_gate_routing():
     assert ctx_eval.aux_losses == {}
 
 
-def test_damex_default_mapping_is_dataset_mod_experts_and_training_moves_gate():
-    moe = make_moe("damex", 2, loss_coef=1.0, capacity_factor=0.0).train()
+def test_damex_training_moves_the_gate_toward_the_mapped_experts():
+    moe = make_moe("damex", 2, dataset_to_expert=[0, 1, 0, 1], loss_coef=1.0, capacity_factor=0.0).train()
     ids = torch.tensor([0, 1, 2, 3])  # -> experts 0, 1, 0, 1
     assert moe.router.target_experts(ids).tolist() == [0, 1, 0, 1]
     x = 0.3 * torch.randn(4, 6, C, dtype=torch.float64)
@@ -208,6 +208,8 @@ def test_damex_default_mapping_is_dataset_mod_experts_and_training_moves_gate():
     assert ctx.stats["decoder.0/tokens_per_expert"].tolist() == [[6, 0], [0, 6], [6, 0], [0, 6]]
     with pytest.raises(ValueError, match=r"dataset_to_expert\[0\] = 9"):
         make_moe("damex", 2, dataset_to_expert=[9])
+    with pytest.raises(ValueError, match="dataset_to_expert is required"):
+        make_moe("damex", 2, dataset_to_expert=[])
 
 
 # --------------------------------------------------------------------------------------------- remoe

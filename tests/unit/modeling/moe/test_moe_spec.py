@@ -124,10 +124,14 @@ def test_baseline_router_kwargs_from_cfg():
     cfg.MODEL.GEM.TOPK.Z_LOSS_COEF = 0.001
     assert moe_spec_from_cfg(cfg, DATASETS).router_kwargs == dict(k=2, capacity_factor=1.25, balance_coef=0.01,
                                                                   z_loss_coef=0.001)
-    cfg.MODEL.GEM.ROUTER = "damex"  # a stored GEM mapping gives each dataset its first expert
-    assert moe_spec_from_cfg(cfg, DATASETS).router_kwargs["dataset_to_expert"] == [0, 1, 3]
-    cfg.MODEL.GEM.MAPPING, cfg.MODEL.GEM.UNITS = [], []
-    assert moe_spec_from_cfg(cfg, DATASETS).router_kwargs["dataset_to_expert"] is None  # -> dataset i mod E
+    cfg.MODEL.GEM.ROUTER = "damex"  # never GEM's plan nor the dataset index: an explicit hand-written map
+    with pytest.raises(ValueError, match="DAMEX.DATASET_TO_EXPERT"):
+        moe_spec_from_cfg(cfg, DATASETS)
+    cfg.MODEL.GEM.DAMEX.DATASET_TO_EXPERT = [["moe_test_art", 2], ["moe_test_cars", 0], ["moe_test_faces", 0]]
+    kwargs = moe_spec_from_cfg(cfg, DATASETS).router_kwargs
+    assert kwargs["dataset_to_expert"] == [0, 0, 2] and kwargs["num_moe_layers"] == 3
+    assert kwargs["gate_noise"] == 1.0 and kwargs["batch_prioritized"] is True
+    cfg.MODEL.GEM.DAMEX.DATASET_TO_EXPERT = []
     for router, key in [("softmoe", "slots_per_expert"), ("remoe", "target_k"), ("moepp", "num_constant")]:
         cfg.MODEL.GEM.ROUTER = router
         spec = moe_spec_from_cfg(cfg, DATASETS)
