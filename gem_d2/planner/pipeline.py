@@ -15,7 +15,7 @@ from gem_d2.planner.ablations import check_router_cfg, plan_variant, planner_var
 from gem_d2.planner.affinity import AffinityResult, affinity_from_prototypes, compute_affinity, cosine_matrix
 from gem_d2.planner.extend import expert_keys_from_mapping, plan_new_units
 from gem_d2.planner.mapping import GemMapping
-from gem_d2.planner.plan import ROUNDINGS, ExpertPlan, plan_mapping
+from gem_d2.planner.plan import ROUNDINGS, ExpertPlan
 from gem_d2.planner.report import FLAT_COSINE_STD, affinity_evidence, write_report
 from gem_d2.planner.solvers import check_solver
 
