@@ -28,7 +28,9 @@ class CountingExpertBank(ExpertBank):
     ffn_rows: int = 0
 
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        self.ffn_rows += int(x.shape[0])
+        # (T, C) from the per-token dispatch, (images, L, C) from the per-image one (padded rows included:
+        # that path computes them, then zeroes their outputs)
+        self.ffn_rows += int(x.shape[:-1].numel())
         return super().forward_expert(e, x)
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:

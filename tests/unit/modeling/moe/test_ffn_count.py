@@ -29,8 +29,9 @@ def test_gem_two_experts_per_unit_with_padding():
     pad[1, 3:] = True
     ctx = RoutingContext(dataset_ids=torch.tensor([0, 1]), key_padding_mask=pad)
     moe(torch.randn(2, 5, C, dtype=torch.float64), ctx)
-    # image 0 (u0): 5 tokens x 2 experts; image 1 (u1): 3 valid tokens x 1 expert; 8 valid tokens
-    assert float(ctx.stats[f"encoder.0/{STAT}"]) == pytest.approx(13 / 8)
+    # per-image dispatch: image 0 (u0): 5 tokens x 2 experts; image 1 (u1): all 5 rows x 1 expert (its 2 padded
+    # rows are computed, then zeroed); 8 valid tokens
+    assert float(ctx.stats[f"encoder.0/{STAT}"]) == pytest.approx(15 / 8)
     ctx = RoutingContext(dataset_ids=torch.tensor([1, 1]))  # a second call starts from zero again
     moe(torch.randn(2, 5, C, dtype=torch.float64), ctx)
     assert float(ctx.stats[f"encoder.0/{STAT}"]) == pytest.approx(1.0)
