@@ -1,4 +1,4 @@
-"""planner: solve times and solution quality of GEM's planner (LP) and compilers (DESIGN §1, issue #4).
+"""planner: solve times and solution quality of GEM's planner (LP) and compilers (docs/design/planner.md).
 
 Cases:
 
@@ -6,13 +6,13 @@ Cases:
   ``softmax(cos(prototype, key) / 0.1)`` with prototypes scattered around random keys in 32-d, log-normal unit
   loads (sigma 1), slack 0.1, beta 0.5; ``plan_mapping`` end to end with the default compiler, plus every
   compiler on the same LP solution;
-- random weighted instances (issue #4): m in [4, 16), n in [2, 9), w ~ U(0, 1), loads ~ U(0.5, 2), slack 0.1,
+- random weighted instances: m in [4, 16), n in [2, 9), w ~ U(0, 1), loads ~ U(0.5, 2), slack 0.1,
   beta 0; per compiler: mean rounded/LP, mean rounded/MILP where the MILP is feasible, how often the MILP is
   infeasible, the largest capacity overflow relative to the largest unit load, and how many MILP-feasible
   instances the compiler leaves over capacity.
 
-Compilers: ``hierarchical`` (DESIGN steps 1-3 + the repair and improvement passes, the default),
-``hierarchical_norepair`` (steps 1-3 only, as printed in DESIGN), ``shmoys_tardos`` (the yardstick),
+Compilers: ``hierarchical`` (docs/design/planner.md steps 1-3 + the repair and improvement passes, the default),
+``hierarchical_norepair`` (steps 1-3 only, as the paper prints the algorithm), ``shmoys_tardos`` (the yardstick),
 ``shmoys_tardos+repair`` (both passes), ``exact`` (the MILP; defined only where it is feasible).
 
     python tools/benchmark.py planner [--solver CBC] [--seeds 0] [--skip-5000] [--output output/benchmarks/planner.json]
