@@ -2,7 +2,7 @@
 
     python tools/benchmark.py step [--repeats 8] [--warmup 2] [--device cpu] [--amp] [KEY VALUE ...]
 
-The model is ``--config-file`` (default configs/gem_dino_synth_demo.yaml: the small DINO, ResNet-18,
+The model is ``--config-file`` (default configs/gem_dino_synth_demo.yaml: the small DINO on the ImageNet MobileNetV2,
 hidden 128, 3+3 layers, MoE FFNs in decoder layers 0 and 2 with 4 experts) on the generated synth
 data, with only ``MODEL.GEM.ROUTER`` (and the router's own keys) changed between rows:
 

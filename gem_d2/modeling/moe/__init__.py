@@ -2,8 +2,8 @@
 
 ``MoEFFN`` replaces the dense FFN of the layers listed in ``MODEL.GEM.MOE_LAYERS``; the router named
 by ``MODEL.GEM.ROUTER`` (``ROUTER_REGISTRY``) decides which experts each token uses. Importing this
-package registers the built-in routers: gem, dense, topk, softmoe, remoe, moepp, damex. See
-:mod:`.base` for the router interface.
+package registers the built-in routers (gem, dense, topk, softmoe, remoe, moepp, damex) and GEM's planner
+ablations (gem_random, gem_inverse, gem_worst, gem_k2, gem_nocap). See :mod:`.base` for the router interface.
 """
 from gem_d2.modeling.moe import router_gem_ablations  # noqa: F401  (registers gem_random, gem_inverse, gem_k2, gem_nocap, gem_worst)
 from gem_d2.modeling.moe.base import ROUTER_REGISTRY, MoEResult, Router, RoutingPlan, TokenBatch, register_router
