@@ -23,7 +23,7 @@ print("locked", flush=True)
 sys.stdin.read()  # hold the lock until the parent closes stdin
 lock.release()
 """
-WAIT_S = 60  # upper bound of every wait on the child
+WAIT_S = 180  # upper bound of every wait on the child (a loaded machine can take a minute to import torch)
 
 
 def _start_holder(output_dir):
