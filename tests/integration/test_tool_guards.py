@@ -28,16 +28,24 @@ def _opts(out):
 
 def test_ctrl_c_during_training_prints_one_line_and_exits_130(small_synth, tiny_config, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "tools/train_net.py", "--config-file", tiny_config, *_opts(out), "SOLVER.MAX_ITER", "500",
+    # a checkpoint every iteration (~100 MB each): MAX_ITER bounds the disk used if the interrupt were ignored
+    cmd = [sys.executable, "tools/train_net.py", "--config-file", tiny_config, *_opts(out), "SOLVER.MAX_ITER", "100",
            "SOLVER.CHECKPOINT_PERIOD", "1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (out / "last_checkpoint").is_file():
-        assert proc.poll() is None, proc.communicate()[1][-4000:]
-        assert time.time() < deadline, "no checkpoint after 240 s"
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    # Python's Ctrl-C handling in the child even when this test runs as a background job (SIGINT ignored, inherited)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 240
+        while not (out / "last_checkpoint").is_file():
+            assert proc.poll() is None, proc.communicate()[1][-4000:]
+            assert time.time() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, stderr[-4000:]
     assert "Traceback" not in stderr and "Traceback" not in stdout
     last = stderr.strip().splitlines()[-1]
