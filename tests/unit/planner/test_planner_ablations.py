@@ -5,7 +5,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from scipy.optimize import linprog
 
 import gem_d2  # noqa: F401  (shims before detectron2)
 from gem_d2.engine.planning import needs_planning
@@ -15,6 +14,7 @@ from gem_d2.planner.affinity import AffinityResult
 from gem_d2.planner.pipeline import plan_from_cfg
 from gem_d2.planner.problem import build_problem
 from tests.conftest import make_cfg
+from tests.unit.planner.reference_lp import reference_lp
 
 
 def instance(seed, m, n):
@@ -24,39 +24,14 @@ def instance(seed, m, n):
     return w, loads
 
 
-def linprog_min(w, loads, k, slack, beta):
-    """min sum_uj a_u w_uj x_uj s.t. sum_j x_uj = k, sum_u s_u x_uj <= C_j, (m >= n) sum_u x_uj >= 1, 0 <= x <= 1,
-    written out here from the planner's definitions, solved by scipy's HiGHS."""
-    m, n = w.shape
-    a = loads ** -beta
-    a = a * m / a.sum()
-    cap = (1 + slack) * loads.sum() * k / n
-    a_eq = np.zeros((m, m * n))
-    for u in range(m):
-        a_eq[u, u * n:(u + 1) * n] = 1
-    rows, rhs = [], []
-    for j in range(n):
-        row = np.zeros(m * n)
-        row[j::n] = loads
-        rows.append(row)
-        rhs.append(cap)
-        if m >= n:
-            dead = np.zeros(m * n)
-            dead[j::n] = -1
-            rows.append(dead)
-            rhs.append(-1)
-    res = linprog((a[:, None] * w).ravel(), A_ub=np.array(rows), b_ub=np.array(rhs), A_eq=a_eq,
-                  b_eq=np.full(m, float(k)), bounds=(0, 1), method="highs")
-    assert res.status == 0
-    return res.fun
-
-
 @pytest.mark.parametrize("seed,m,n,k", [(0, 5, 2, 1), (1, 5, 4, 1), (2, 6, 3, 2), (3, 3, 5, 1), (4, 8, 4, 2)])
 def test_inverse_lp_value_is_the_minimiser(seed, m, n, k):
     w, loads = instance(seed, m, n)
     inverse = plan_variant("inverse", w, loads, k=k, slack=0.3, beta=0.5, milp=False)
     gem = plan_variant("affinity", w, loads, k=k, slack=0.3, beta=0.5, milp=False)
-    assert inverse.lp_value == pytest.approx(linprog_min(w, loads, k, 0.3, 0.5), rel=1e-7, abs=1e-9)
+    status, minimum = reference_lp(w, loads, k, 0.3, 0.5, maximize=False)
+    assert status == 0
+    assert inverse.lp_value == pytest.approx(minimum, rel=1e-7, abs=1e-9)
     if not inverse.overflow.any():  # a capacity-respecting integral point is never below the LP minimum
         assert inverse.lp_value <= inverse.rounded_value + 1e-9
     assert inverse.rounded_value < gem.rounded_value

@@ -6,38 +6,11 @@ import gem_d2  # noqa: F401  (shims before detectron2)
 # isort: split
 import numpy as np
 import pytest
-from scipy.optimize import linprog
 
 from gem_d2.planner import PlanInfeasibleError, build_problem, plan_mapping, solve_lp, solve_milp
+from tests.unit.planner.reference_lp import reference_lp
 
 SOLVERS = ("CBC", "HIGHS")
-
-
-def reference_lp(w, s, k, slack, beta):
-    """The planner's LP (docs/design/planner.md) written out densely and solved by scipy's linprog (HiGHS);
-    returns (status, value)."""
-    m, n = w.shape
-    a = s ** (-beta)
-    a = a * m / a.sum()
-    cap = (1 + slack) * np.sum(s * k) / n
-    a_eq = np.zeros((m, m * n))
-    for u in range(m):
-        a_eq[u, u * n:(u + 1) * n] = 1.0
-    rows, rhs = [], []
-    for j in range(n):
-        row = np.zeros(m * n)
-        row[[u * n + j for u in range(m)]] = s
-        rows.append(row)
-        rhs.append(cap)
-    if m >= n:
-        for j in range(n):
-            row = np.zeros(m * n)
-            row[[u * n + j for u in range(m)]] = -1.0
-            rows.append(row)
-            rhs.append(-1.0)
-    res = linprog(-(a[:, None] * w).ravel(), A_ub=np.array(rows), b_ub=np.array(rhs), A_eq=a_eq,
-                  b_eq=np.full(m, float(k)), bounds=(0, 1), method="highs")
-    return res.status, (-res.fun if res.status == 0 else None)
 
 
 def random_cases(count, seed):
