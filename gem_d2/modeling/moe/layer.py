@@ -56,12 +56,12 @@ class MoEFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         """x (N, L, C) -> (N, L, C); fills ``ctx.aux_losses`` / ``ctx.stats`` (see the class docstring)."""
+        valid = self._valid(x, ctx)  # checks x and ctx first
         if self.per_image:
-            valid = self._valid(x, ctx)  # checks x and ctx first
             routes = self.router.image_routes(ctx, x.shape[0])
             if routes is not None:
                 return self._forward_per_image(x, ctx, routes, valid)
-        tokens = self._flatten(x, ctx)
+        tokens = self._flatten(x, ctx, valid)
         result = self.router.forward_moe(tokens, self.experts)
         out = result.output.reshape(x.shape[0], x.shape[1], -1)
         anchor = self._ddp_anchor(result.experts_ran) if torch.is_grad_enabled() else None
@@ -125,8 +125,7 @@ class MoEFFN(nn.Module):
                              f"got {tuple(ctx.key_padding_mask.shape)}")
         return ~ctx.key_padding_mask.bool()
 
-    def _flatten(self, x: torch.Tensor, ctx: RoutingContext) -> TokenBatch:
-        valid = self._valid(x, ctx)
+    def _flatten(self, x: torch.Tensor, ctx: RoutingContext, valid: Optional[torch.Tensor]) -> TokenBatch:
         N, L, C = x.shape
         ds = ctx.dataset_ids
         if valid is None:
