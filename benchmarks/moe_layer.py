@@ -5,13 +5,16 @@ present as the encoder has one) and decoder (2 images x 1,100 queries: 900 match
 ``--batches`` uniform (both images from one dataset) and mixed (two datasets mapped to different experts);
 ``--k`` 1 and 2 (each dataset's row has k experts, weights 1/k). d_model 256, FFN 2048, 8 experts.
 
-Variants: ``dense`` (:class:`gem_d2.layers.mlp.FFN`, the layer GEM replaces), ``gem`` (:class:`MoEFFN` with the
-gem router: per-image dispatch, each expert on an image's contiguous tokens) and ``gem-per-token`` (the same layer
-forced through the general gather/scatter dispatch). The experts start as copies of the dense FFN. One repeat times
-one forward+backward (input gradient included, parameter gradients reset to None as ``zero_grad`` does) of every
-variant in turn, so a change of load hits all of them alike. Reported per variant: median wall and process CPU
-ms, and the median over repeats of its time / dense's time in the same repeat (``ratio``; ``/k``: divided by k,
-since k experts per token do k times the FFN work). ``--token-scale`` shrinks the token counts (a loaded or
+Variants: ``dense`` (:class:`gem_d2.layers.mlp.FFN`, the layer GEM replaces), ``dense-again`` (the same dense
+layer timed a second time: its ratio, ideally 1, shows how far identical work scatters on this machine), ``gem``
+(:class:`MoEFFN` with the gem router: per-image dispatch, each expert on an image's contiguous tokens) and
+``gem-per-token`` (the same layer forced through the general gather/scatter dispatch). The experts start as copies
+of the dense FFN. One repeat times one forward+backward (input gradient included, parameter gradients reset to
+None as ``zero_grad`` does) of every variant, in an order shuffled per repeat (seeded), so a change of load, or an
+effect of what ran just before, hits all of them alike. Reported per variant: median wall and process CPU ms, and
+the median over repeats of its time / dense's time in the same repeat (``ratio``, with a 95% bootstrap interval
+of that median, scipy, seeded; ``/k``: the gem variants' ratio divided by k, since k experts per token do k times
+the FFN work). ``--token-scale`` shrinks the token counts (a loaded or
 small machine), ``--amp`` runs under autocast (CUDA). ``--threads 1`` by default, as the ``step`` benchmark (OpenMP
 spin-waiting on cores shared with other jobs makes multi-threaded timings erratic); ``--threads 0``: all cores.
 
@@ -21,12 +24,13 @@ spin-waiting on cores shared with other jobs makes multi-threaded timings errati
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 
 from benchmarks.common import add_output, add_threads, device_name, load_average, set_threads, timed, write_json
 
 SHAPES = {"encoder": 100 * 134 + 50 * 67 + 25 * 34 + 13 * 17, "decoder": 900 + 200}  # tokens per image
-VARIANTS = ("dense", "gem", "gem-per-token")
+VARIANTS = ("dense", "dense-again", "gem", "gem-per-token")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,16 +99,17 @@ def measure_case(args, shape: str, batch: str, k: int) -> dict:
             out = layer(x, RoutingContext(dataset_ids=ids, key_padding_mask=mask))
         out.backward(grad_out.to(out.dtype))
 
-    calls = {"dense": lambda: step(dense, True), "gem": lambda: step(moe, True),
-             "gem-per-token": lambda: step(moe, False)}
+    calls = {"dense": lambda: step(dense, True), "dense-again": lambda: step(dense, True),
+             "gem": lambda: step(moe, True), "gem-per-token": lambda: step(moe, False)}
     variants = [v for v in VARIANTS if v in args.variants or v == "dense"]
     for _ in range(args.warmup):
         for v in variants:
             calls[v]()
     wall = {v: [] for v in variants}
     cpu = {v: [] for v in variants}
+    order = random.Random(0)
     for _ in range(args.repeats):
-        for v in variants:  # interleaved
+        for v in order.sample(variants, len(variants)):
             _, w, c = timed(calls[v], device)
             wall[v].append(w)
             cpu[v].append(c)
@@ -112,11 +117,28 @@ def measure_case(args, shape: str, batch: str, k: int) -> dict:
     for v in variants:
         ratios = [a / b for a, b in zip(wall[v], wall["dense"])]
         cpu_ratios = [a / b for a, b in zip(cpu[v], cpu["dense"])]
+        per = k if v.startswith("gem") else 1
         rows.append({"shape": shape, "batch": batch, "k": k, "variant": v, "tokens_per_image": tokens,
                      "median_ms": statistics.median(wall[v]), "min_ms": min(wall[v]),
                      "cpu_median_ms": statistics.median(cpu[v]), "ratio": statistics.median(ratios),
+                     "ratio_ci95": median_interval(ratios), "ratio_per_expert": statistics.median(ratios) / per,
                      "cpu_ratio": statistics.median(cpu_ratios), "wall_ms": wall[v], "cpu_ms": cpu[v]})
     return {"rows": rows}
+
+
+def median_interval(values) -> list:
+    """95% percentile-bootstrap interval [low, high] of the median of ``values`` (scipy, seeded), or
+    [median, median] when there are fewer than 3 values or they are all equal."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 3 or np.all(values == values[0]):
+        m = float(np.median(values))
+        return [m, m]
+    ci = bootstrap((values,), np.median, confidence_level=0.95, n_resamples=2000, method="percentile",
+                   random_state=np.random.default_rng(0)).confidence_interval
+    return [float(ci.low), float(ci.high)]
 
 
 def run(args) -> dict:
@@ -127,7 +149,7 @@ def run(args) -> dict:
     if args.amp and device.type != "cuda":
         raise ValueError(f"moe_layer: --amp {args.amp} needs a CUDA --device, got {args.device!r}")
     header = (f"{'shape':<8} {'batch':<8} {'k':>2} {'variant':<14} {'tokens':>7} {'f+b ms':>9} {'cpu ms':>9} "
-              f"{'ratio':>6} {'/k':>6} {'cpu ratio':>9}")
+              f"{'ratio':>6} {'95% interval':>14} {'/k':>6} {'cpu ratio':>9}")
     print(header)
     print("-" * len(header))
     results = []
@@ -136,16 +158,18 @@ def run(args) -> dict:
             for k in args.k:
                 for r in measure_case(args, shape, batch, k)["rows"]:
                     results.append(r)
+                    low, high = r["ratio_ci95"]
                     print(f"{shape:<8} {batch:<8} {k:>2} {r['variant']:<14} {r['tokens_per_image']:>7} "
                           f"{r['median_ms']:>9.1f} {r['cpu_median_ms']:>9.1f} {r['ratio']:>6.3f} "
-                          f"{r['ratio'] / (1 if r['variant'] == 'dense' else k):>6.3f} {r['cpu_ratio']:>9.3f}",
-                          flush=True)
+                          f"{f'[{low:.3f}, {high:.3f}]':>14} {r['ratio_per_expert']:>6.3f} "
+                          f"{r['cpu_ratio']:>9.3f}", flush=True)
     report = {
         "benchmark": "moe_layer", "device": str(device), "device_name": device_name(device),
         "amp": args.amp or None, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "images": args.images, "d_model": args.d_model, "d_ffn": args.d_ffn, "experts": args.experts,
         "token_scale": args.token_scale, "repeats": args.repeats, "warmup": args.warmup,
-        "statistic": "median; ratio = median over repeats of variant / dense in the same repeat",
+        "statistic": "median; ratio = median over repeats of variant / dense in the same repeat; ratio_ci95: "
+                     "95% percentile-bootstrap interval of that median",
         "load_average": load_average(), "results": results,
     }
     if args.output:

@@ -246,9 +246,9 @@ def ffn_evals_per_token(model, batch) -> float:
         bank = layer.experts
         one, every = bank.forward_expert, bank.forward_all
 
-        def forward_expert(e, x, _f=one):
+        def forward_expert(e, x, weights=None, _f=one):
             counts["rows"] += x.shape[:-1].numel()  # (tokens, C), or (images, tokens, C) from per-image dispatch
-            return _f(e, x)
+            return _f(e, x, weights)
 
         def forward_all(x, _f=every):
             counts["rows"] += x.shape[0] * x.shape[1]

@@ -15,8 +15,9 @@ def grouped_dispatch(x: torch.Tensor, expert_index: torch.Tensor, combine_weight
 
     x (T, C); expert_index, combine_weight, active (T, k). Assignments to routes >= E (non-FFN routes)
     are skipped. Returns (out (T, C), whether any expert ran). Tokens are sorted by expert so each used
-    expert is called once on a contiguous block; when every token goes to one and the same expert
-    (k = 1), the expert runs on ``x`` directly without gather/scatter.
+    expert is called once on a contiguous block (several share :meth:`ExpertBank.weights_of`'s views); when
+    every token goes to one and the same expert (k = 1), the expert runs on ``x`` directly without
+    gather/scatter.
     """
     T, k = expert_index.shape
     E = experts.num_experts
@@ -30,12 +31,13 @@ def grouped_dispatch(x: torch.Tensor, expert_index: torch.Tensor, combine_weight
         y = experts.forward_expert(used[0], x)
         return y * combine_weight.to(y.dtype), True
 
+    weights_per_expert = experts.weights_of(used)
     tokens = torch.arange(T, device=x.device)[:, None].expand(T, k)[active]
     weights = combine_weight[active]
     order = torch.argsort(flat_e, stable=True)
     tokens, weights = tokens[order], weights[order]
     chunks = x.index_select(0, tokens).split(counts)
-    y = torch.cat([experts.forward_expert(e, chunks[e]) for e in used])
+    y = torch.cat([experts.forward_expert(e, chunks[e], weights_per_expert) for e in used])
     y = y * weights[:, None].to(y.dtype)
     return y.new_zeros(T, y.shape[1]).index_add_(0, tokens, y), True
 
@@ -47,14 +49,15 @@ def plan_token_load(expert_index: torch.Tensor, active: torch.Tensor, num_routes
 
 
 def per_image_dispatch(x: torch.Tensor, routes: Sequence[Tuple[Tuple[int, float], ...]], experts: ExpertBank,
-                       valid: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, bool]:
-    """``out[n] = sum_(e, w) in routes[n] of w * FFN_e(x[n])`` for images ``x`` (N, L, C); 0 where ``valid`` is False.
+                       padding: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, bool]:
+    """``out[n] = sum_(e, w) in routes[n] of w * FFN_e(x[n])`` for images ``x`` (N, L, C); 0 where ``padding``.
 
     ``routes``: per image its ``(expert, weight)`` pairs (experts < E). Consecutive images with the same route
     form one slice of ``x`` (a view: nothing is gathered or scattered); each of its experts runs once on it and
-    weights of exactly 1 are not multiplied. ``valid`` (N, L) bool or None: padded tokens' outputs (and so their
-    gradients) are zeroed, as the grouped dispatch never computes them. Returns (out (N, L, C), whether any
-    expert ran). Equals :func:`grouped_dispatch` on the same plan up to float rounding.
+    weights of exactly 1 are not multiplied. Several experts share one view of each stacked weight
+    (:meth:`ExpertBank.weights_of`). ``padding`` (N, L) bool (True = padded) or None: padded tokens'
+    outputs (and so their gradients) are zeroed, as the grouped dispatch never computes them. Returns
+    (out (N, L, C), whether any expert ran). Equals :func:`grouped_dispatch` on the same plan up to float rounding.
     """
     N = x.shape[0]
     if len(routes) != N:
@@ -62,17 +65,19 @@ def per_image_dispatch(x: torch.Tensor, routes: Sequence[Tuple[Tuple[int, float]
     runs = [0] + [n for n in range(1, N) if routes[n] != routes[n - 1]] + [N]  # starts of runs of equal routes
     # split, not indexing: its backward writes the input's gradient once (a slice's would zero-fill it per slice)
     slices = x.split([b - a for a, b in zip(runs[:-1], runs[1:])]) if len(runs) > 2 else (x,)
+    weights_per_expert = experts.weights_of(sorted({e for start in runs[:-1] for e, _ in routes[start]}))
     pieces, ran = [], False
     for start, xs in zip(runs, slices):
         y = None
         for e, w in routes[start]:
-            ye = experts.forward_expert(e, xs)
-            if w != 1.0:
-                ye = ye * w
-            y = ye if y is None else y + ye
+            ye = experts.forward_expert(e, xs, weights_per_expert)
+            if y is None:
+                y = ye if w == 1.0 else ye * w
+            else:
+                y = torch.add(y, ye, alpha=w)  # one pass for the weighting and the sum
         ran = ran or y is not None
         pieces.append(x.new_zeros(xs.shape) if y is None else y)
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    if valid is not None:
-        out = out.masked_fill(~valid[..., None], 0.0)
+    if padding is not None:
+        out = out.masked_fill(padding[..., None], 0.0)
     return out, ran

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,29 @@ from torch import nn
 
 from gem_d2.layers.mlp import FFN
 from gem_d2.layers.mlp import activation_layer as _activation
+
+ExpertWeights = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class _ExpertViews(torch.autograd.Function):
+    """``stacked`` (E, ...) -> ``stacked[e]`` for each of ``experts`` (distinct); the backward writes the stacked
+    gradient with one zero-fill and one copy per expert that got a gradient."""
+
+    @staticmethod
+    def forward(ctx, stacked: torch.Tensor, experts: Tuple[int, ...]):
+        ctx.experts, ctx.shape = experts, stacked.shape
+        ctx.set_materialize_grads(False)
+        return tuple(stacked[e] for e in experts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grad = None
+        for e, g in zip(ctx.experts, grads):
+            if g is not None:
+                if grad is None:
+                    grad = g.new_zeros(ctx.shape)
+                grad[e] = g
+        return grad, None
 
 
 class ExpertBank(nn.Module):
@@ -49,10 +72,28 @@ class ExpertBank(nn.Module):
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(p, -bound, bound)
 
-    def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` on tokens ``x`` (T, C) -> (T, C)."""
-        h = self.dropout(self.activation(F.linear(x, self.w1[e], self.b1[e])))
-        return F.linear(h, self.w2[e], self.b2[e])
+    def weights_of(self, experts: Sequence[int]) -> Optional[Dict[int, ExpertWeights]]:
+        """``{e: (w1 (F, C), b1 (F,), w2 (C, F), b2 (C,))}`` for the distinct ``experts`` one layer call runs, or
+        None when indexing per call is as cheap (one expert, or no gradient).
+
+        Indexing ``w1[e]`` per expert call makes each call's backward allocate and zero-fill a whole (E, F, C)
+        gradient, and several calls sum those; these views share one backward per stacked parameter that
+        zero-fills it once and copies in each expert's gradient.
+        """
+        if len(experts) < 2 or not torch.is_grad_enabled():
+            return None
+        experts = tuple(int(e) for e in experts)
+        if len(set(experts)) != len(experts):
+            raise ValueError(f"ExpertBank.weights_of: repeated experts in {list(experts)}")
+        views = [_ExpertViews.apply(p, experts) for p in (self.w1, self.b1, self.w2, self.b2)]
+        return {e: tuple(v[j] for v in views) for j, e in enumerate(experts)}
+
+    def forward_expert(self, e: int, x: torch.Tensor, weights: Optional[Dict[int, ExpertWeights]] = None
+                       ) -> torch.Tensor:
+        """Expert ``e`` on tokens ``x`` (..., C) -> (..., C); ``weights``: :meth:`weights_of`'s views, or None to
+        index the stacked parameters."""
+        w1, b1, w2, b2 = weights[e] if weights is not None else (self.w1[e], self.b1[e], self.w2[e], self.b2[e])
+        return F.linear(self.dropout(self.activation(F.linear(x, w1, b1))), w2, b2)
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on its own tokens in one batched matmul: ``x`` (E, S, C) -> (E, S, C)."""

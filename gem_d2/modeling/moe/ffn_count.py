@@ -27,22 +27,24 @@ class CountingExpertBank(ExpertBank):
 
     ffn_rows: int = 0
 
-    def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+    def forward_expert(self, e: int, x: torch.Tensor, weights=None) -> torch.Tensor:
         # (T, C) from the per-token dispatch, (images, L, C) from the per-image one (padded rows included:
         # that path computes them, then zeroes their outputs)
         self.ffn_rows += int(x.shape[:-1].numel())
-        return super().forward_expert(e, x)
+        return super().forward_expert(e, x, weights)
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         self.ffn_rows += int(x.shape[0]) * int(x.shape[1])
         return super().forward_all(x)
 
 
-def _valid_tokens(x: torch.Tensor, ctx) -> int:
+def _valid_tokens(x: torch.Tensor, ctx):
+    """Valid tokens of ``x`` (N, L, C): an int, or a 0-d device tensor with padding (reading the mask's sum to
+    the host would wait for the GPU in the middle of the forward)."""
     n = int(x.shape[0]) * int(x.shape[1])
-    if ctx.key_padding_mask is not None:
-        n -= int(ctx.key_padding_mask.sum())
-    return n
+    if ctx.key_padding_mask is None:
+        return n
+    return (n - ctx.key_padding_mask.sum()).clamp(min=1)
 
 
 def _reset(layer: MoEFFN, inputs) -> None:
@@ -51,8 +53,12 @@ def _reset(layer: MoEFFN, inputs) -> None:
 
 def _record(layer: MoEFFN, inputs, output) -> None:
     x, ctx = inputs[0], inputs[1]
-    per_token = layer.experts.ffn_rows / max(_valid_tokens(x, ctx), 1)
-    ctx.stats[f"{layer.layer_name}/{FFN_EVALS_STAT}"] = torch.tensor(per_token, dtype=torch.float64)
+    valid = _valid_tokens(x, ctx)
+    if torch.is_tensor(valid):
+        per_token = layer.experts.ffn_rows / valid.to(torch.float32)
+    else:
+        per_token = torch.tensor(layer.experts.ffn_rows / max(valid, 1), dtype=torch.float32)
+    ctx.stats[f"{layer.layer_name}/{FFN_EVALS_STAT}"] = per_token
 
 
 def count_ffn_evaluations(model: torch.nn.Module) -> int:

@@ -48,7 +48,7 @@ class MoEFFN(nn.Module):
         self.experts = ExpertBank(self.router.num_experts, d_model, d_ffn, dropout, activation)
         self.num_datasets: Optional[int] = spec.num_datasets
         self.per_image = True
-        self._uses_cache: dict = {}  # per-image statistics: routes -> (N, R) device table
+        self._uses_cache: dict = {}  # per-image statistics: device tables per routes/datasets (_per_dataset_of_images)
 
     def load_from_ffn(self, ffn: FFN) -> None:
         """Copy a dense FFN's weights into every expert (a ``dense`` MoEFFN then equals ``ffn``)."""
@@ -56,12 +56,12 @@ class MoEFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         """x (N, L, C) -> (N, L, C); fills ``ctx.aux_losses`` / ``ctx.stats`` (see the class docstring)."""
-        valid = self._valid(x, ctx)  # checks x and ctx first
+        padding = self._padding(x, ctx)  # checks x and ctx first
         if self.per_image:
             routes = self.router.image_routes(ctx, x.shape[0])
             if routes is not None:
-                return self._forward_per_image(x, ctx, routes, valid)
-        tokens = self._flatten(x, ctx, valid)
+                return self._forward_per_image(x, ctx, routes, padding)
+        tokens = self._flatten(x, ctx, padding)
         result = self.router.forward_moe(tokens, self.experts)
         out = result.output.reshape(x.shape[0], x.shape[1], -1)
         anchor = self._ddp_anchor(result.experts_ran) if torch.is_grad_enabled() else None
@@ -78,39 +78,45 @@ class MoEFFN(nn.Module):
         return out
 
     def _forward_per_image(self, x: torch.Tensor, ctx: RoutingContext, routes: List[ImageRoute],
-                           valid: Optional[torch.Tensor]) -> torch.Tensor:
-        out, ran = per_image_dispatch(x, routes, self.experts, valid)
+                           padding: Optional[torch.Tensor]) -> torch.Tensor:
+        out, ran = per_image_dispatch(x, routes, self.experts, padding)
         anchor = self._ddp_anchor(ran) if torch.is_grad_enabled() else None
         if anchor is not None:
             out = out + anchor
-        ctx.stats[f"{self.layer_name}/tokens_per_expert"] = self._per_dataset_of_images(routes, ctx, valid, x)
+        ctx.stats[f"{self.layer_name}/tokens_per_expert"] = self._per_dataset_of_images(routes, ctx, padding, x)
         return out
 
-    def _per_dataset_of_images(self, routes: List[ImageRoute], ctx: RoutingContext, valid: Optional[torch.Tensor],
+    def _per_dataset_of_images(self, routes: List[ImageRoute], ctx: RoutingContext, padding: Optional[torch.Tensor],
                                x: torch.Tensor) -> torch.Tensor:
         """(num_datasets, R): valid tokens per route per dataset, as ``_per_dataset`` counts them per token.
 
-        Device operations only: the (N, R) table of the routes each image uses is kept on the device per distinct
-        list of routes (a host-to-device copy would wait for the GPU in the middle of the forward)."""
-        ids = ctx.dataset_id_list()
+        No host-to-device copy (it would wait for the GPU in the middle of the forward): per distinct list of
+        routes and dataset ids the layer keeps on the device the (num_datasets, N) dataset-of-image one-hot and
+        the (N, R) routes-used table, and without padding their product times L, the result itself."""
+        ids = tuple(ctx.dataset_id_list())
         num_datasets = self.num_datasets if self.num_datasets is not None else max(ids, default=-1) + 1
-        key = (tuple(routes), str(x.device))
-        uses = self._uses_cache.get(key)
-        if uses is None:
+        key = (tuple(routes), ids, num_datasets, str(x.device), None if padding is not None else x.shape[1])
+        cached = self._uses_cache.get(key)
+        if cached is None:
             if len(self._uses_cache) >= 256:
                 self._uses_cache.clear()
-            rows = [[0.0] * self.router.num_routes for _ in routes]
+            uses = torch.zeros(len(routes), self.router.num_routes, dtype=torch.float64)
             for n, route in enumerate(routes):
                 for e, _ in route:
-                    rows[n][e] = 1.0
-            uses = self._uses_cache[key] = torch.tensor(rows, device=x.device)
-        counts = float(x.shape[1]) if valid is None else valid.sum(1, dtype=torch.float32)[:, None]
-        per_image = uses * counts
-        return per_image.new_zeros(num_datasets, uses.shape[1]).index_add_(0, ctx.dataset_ids.to(x.device).long(),
-                                                                           per_image)
+                    uses[n, e] = 1.0
+            images_of = torch.zeros(num_datasets, len(routes), dtype=torch.float64)
+            images_of[list(ids), list(range(len(ids)))] = 1.0
+            cached = (images_of.float().to(x.device), uses.float().to(x.device),
+                      (images_of @ uses * x.shape[1]).float().to(x.device))
+            self._uses_cache[key] = cached
+        images_of, uses, without_padding = cached
+        if padding is None:
+            return without_padding
+        valid = x.shape[1] - padding.sum(1, dtype=torch.float32)  # (N,)
+        return images_of @ (uses * valid[:, None])
 
-    def _valid(self, x: torch.Tensor, ctx: RoutingContext) -> Optional[torch.Tensor]:
-        """Check ``x`` (N, L, C) and ``ctx``'s per-image fields; (N, L) bool, False = padded, or None: no padding."""
+    def _padding(self, x: torch.Tensor, ctx: RoutingContext) -> Optional[torch.Tensor]:
+        """Check ``x`` (N, L, C) and ``ctx``'s per-image fields; (N, L) bool, True = padded, or None: no padding."""
         if x.dim() != 3:
             raise ValueError(f"{self.layer_name}: MoEFFN expects x of shape (N, L, C), got {tuple(x.shape)}")
         N, L, _ = x.shape
@@ -123,13 +129,12 @@ class MoEFFN(nn.Module):
         if ctx.key_padding_mask.shape != (N, L):
             raise ValueError(f"{self.layer_name}: ctx.key_padding_mask must be (N, L)={(N, L)}, "
                              f"got {tuple(ctx.key_padding_mask.shape)}")
-        return ~ctx.key_padding_mask.bool()
+        return ctx.key_padding_mask.bool()
 
-    def _flatten(self, x: torch.Tensor, ctx: RoutingContext, valid: Optional[torch.Tensor]) -> TokenBatch:
+    def _flatten(self, x: torch.Tensor, ctx: RoutingContext, padding: Optional[torch.Tensor]) -> TokenBatch:
         N, L, C = x.shape
         ds = ctx.dataset_ids
-        if valid is None:
-            valid = torch.ones(N, L, dtype=torch.bool, device=x.device)
+        valid = torch.ones(N, L, dtype=torch.bool, device=x.device) if padding is None else ~padding
         labels = None
         if ctx.query_labels is not None:
             if ctx.query_labels.shape != (N, L):

@@ -62,8 +62,10 @@ def test_moe_layer_benchmark_tiny(tmp_path):
     rows = report["results"]
     cases = {(r["batch"], r["k"]) for r in rows}
     assert cases == {("uniform", 1), ("uniform", 2), ("mixed", 1), ("mixed", 2)}
-    assert {r["variant"] for r in rows} == {"dense", "gem", "gem-per-token"}
+    assert {r["variant"] for r in rows} == {"dense", "dense-again", "gem", "gem-per-token"}
     assert all(r["tokens_per_image"] == 11 and r["median_ms"] > 0 for r in rows)
-    assert all(r["ratio"] == 1.0 for r in rows if r["variant"] == "dense")
+    assert all(r["ratio"] == 1.0 and r["ratio_ci95"] == [1.0, 1.0] for r in rows if r["variant"] == "dense")
+    for r in rows:
+        assert r["ratio_per_expert"] == pytest.approx(r["ratio"] / (r["k"] if r["variant"].startswith("gem") else 1))
     with pytest.raises(ValueError, match="needs a CUDA"):
         main(["moe_layer", "--amp", "bfloat16", "--output", str(tmp_path / "x.json")])

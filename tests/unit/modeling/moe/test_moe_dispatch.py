@@ -41,6 +41,29 @@ def test_expert_bank_matches_naive_and_batched_path():
         bank.forward_all(torch.randn(E + 1, 3, C, dtype=torch.float64))
 
 
+def test_unbound_expert_weights_give_the_indexed_outputs_and_gradients():
+    # several experts in one call share weights_of's views; the reference indexes the stacked parameters per call
+    bank = make_bank(5)
+    x = torch.randn(6, C, dtype=torch.float64)
+    grad_out = torch.randn(6, C, dtype=torch.float64)
+    grads = []
+    for weights in (None, bank.weights_of([3, 0, 1])):  # expert 0 asked for but unused
+        bank.zero_grad(set_to_none=True)
+        out = bank.forward_expert(1, x[:4], weights) * 0.25 + bank.forward_expert(3, x[2:], weights) * 0.5
+        out.backward(grad_out[:4])
+        grads.append((out.detach(), [p.grad.clone() for p in bank.parameters()]))
+    (out_a, grads_a), (out_b, grads_b) = grads
+    assert torch.equal(out_a, out_b)
+    for got, want in zip(grads_b, grads_a):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
+    assert torch.equal(grads_b[0][[0, 2]], torch.zeros_like(grads_b[0][[0, 2]]))  # experts 0 and 2 did not run
+    assert bank.weights_of([2]) is None  # one expert: indexing per call
+    with torch.no_grad():
+        assert bank.weights_of([0, 1]) is None
+    with pytest.raises(ValueError, match=r"repeated experts in \[1, 1\]"):
+        bank.weights_of([1, 1])
+
+
 def test_grouped_dispatch_equals_naive_per_token_loop_k2():
     bank = make_bank(1)
     g = torch.Generator().manual_seed(3)
@@ -78,7 +101,7 @@ def test_fast_path_runs_the_expert_on_x_directly():
     x = torch.randn(9, C, dtype=torch.float64)
     calls = []
     original = bank.forward_expert
-    bank.forward_expert = lambda e, inp: calls.append((e, inp)) or original(e, inp)
+    bank.forward_expert = lambda e, inp, w=None: calls.append((e, inp)) or original(e, inp, w)
     w = torch.full((9, 1), 0.5, dtype=torch.float64)
     out, _ = grouped_dispatch(x, torch.full((9, 1), 2), w, torch.ones(9, 1, dtype=torch.bool), bank)
     assert len(calls) == 1 and calls[0][0] == 2 and calls[0][1] is x  # no gather
