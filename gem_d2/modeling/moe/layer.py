@@ -20,7 +20,8 @@ class MoEFFN(nn.Module):
     ``stats[f"{layer_name}/tokens_per_expert"]`` (num_datasets, R) float (valid tokens per route per
     dataset; fractional for SoftMoE) and router-specific scalars ``stats[f"{layer_name}/<name>"]``;
     ``prev_router_logits[stack]`` (N, L, R) when the router exports logits (MoE++ gating residuals;
-    stack = "encoder"/"decoder", the part of ``layer_name`` before the dot).
+    stack = "encoder"/"decoder", the part of ``layer_name`` before the dot). The per-image path may record a
+    cached tensor shared between calls: read the statistics, do not modify them in place.
     Padded tokens (``ctx.key_padding_mask`` True) output 0, get no gradient and are not counted.
 
     When the router routes per image (``router.image_routes``: ``gem`` with a dataset-level plan or on tokens
