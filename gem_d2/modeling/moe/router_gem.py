@@ -9,6 +9,7 @@ from gem_d2.data.label_space import UnifiedLabelSpace
 from gem_d2.modeling.moe.base import ImageRoute, Router, RoutingPlan, TokenBatch, register_router
 from gem_d2.modeling.moe.context import RoutingContext
 from gem_d2.planner.mapping import GemMapping, RouterTables
+from gem_d2.utils.checks import check_index_range
 
 
 def gem_tables_from_cfg(cfg, dataset_names: Sequence[str]) -> RouterTables:
@@ -75,10 +76,7 @@ class GEMRouter(Router):
         if self.unit_of_class is not None and ctx.query_labels is not None:
             return None
         ids = ctx.dataset_id_list()
-        bad = [d for d in ids if not 0 <= d < len(self._unit_of_dataset)]
-        if bad:
-            raise ValueError(f"gem router: dataset ids {bad} outside the mapping's {len(self._unit_of_dataset)} "
-                             "datasets")
+        check_index_range(ids, len(self._unit_of_dataset), "gem router: dataset ids (the mapping's datasets)")
         return [self._rows[self._unit_of_dataset[d]] for d in ids]
 
     def route(self, tokens: TokenBatch) -> RoutingPlan:

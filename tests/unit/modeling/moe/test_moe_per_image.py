@@ -106,5 +106,6 @@ def test_class_level_plan_keeps_per_token_dispatch_for_labelled_tokens():
 
 def test_unknown_dataset_id_is_a_clear_error():
     moe = make_moe()
-    with pytest.raises(ValueError, match=r"dataset ids \[3\] outside"):
+    want = r"gem router: dataset ids \(the mapping's datasets\) must lie in \[0, 3\), got values in \[3, 3\]"
+    with pytest.raises(ValueError, match=want):
         moe(torch.randn(1, 2, C, dtype=torch.float64), RoutingContext(dataset_ids=torch.tensor([3])))
