@@ -6,7 +6,9 @@ present as the encoder has one) and decoder (2 images x 1,100 queries: 900 match
 ``--k`` 1 and 2 (each dataset's row has k experts, weights 1/k). d_model 256, FFN 2048, 8 experts.
 
 Variants: ``dense`` (:class:`gem_d2.layers.mlp.FFN`, the layer GEM replaces), ``dense-again`` (the same dense
-layer timed a second time: its ratio, ideally 1, shows how far identical work scatters on this machine), ``gem``
+layer timed a second time: its ratio, ideally 1, shows how far identical work scatters on this machine),
+``dense-k`` (k > 1 only: the dense FFN run k times on the same input, outputs weighted 1/k and summed: the work of
+k experts per token without any routing, :class:`DenseTimesK`), ``gem``
 (:class:`MoEFFN` with the gem router: per-image dispatch, each expert on an image's contiguous tokens) and
 ``gem-per-token`` (the same layer forced through the general gather/scatter dispatch). The experts start as copies
 of the dense FFN. One repeat times one forward+backward (input gradient included, parameter gradients reset to
@@ -14,9 +16,11 @@ None as ``zero_grad`` does) of every variant, in an order shuffled per repeat (s
 effect of what ran just before, hits all of them alike. Reported per variant: median wall and process CPU ms, and
 the median over repeats of its time / dense's time in the same repeat (``ratio``, with a 95% bootstrap interval
 of that median, scipy, seeded; ``/k``: the gem variants' ratio divided by k, since k experts per token do k times
-the FFN work). ``--token-scale`` shrinks the token counts (a loaded or
-small machine), ``--amp`` runs under autocast (CUDA). ``--threads 1`` by default, as the ``step`` benchmark (OpenMP
-spin-waiting on cores shared with other jobs makes multi-threaded timings erratic); ``--threads 0``: all cores.
+the FFN work; ``vs dense-k``: the median over repeats of the gem variant's time / dense-k's, the cost of routing
+alone, as k FFN outputs held at once also cost memory that ``/k`` charges to the routing). ``--token-scale`` shrinks
+the token counts (a loaded or small machine), ``--amp`` runs under autocast (CUDA). ``--threads 1`` by default, as
+the ``step`` benchmark (OpenMP spin-waiting on cores shared with other jobs makes multi-threaded timings erratic);
+``--threads 0``: all cores.
 
     python tools/benchmark.py moe_layer [--shapes encoder decoder] [--batches uniform mixed] [--k 1 2]
         [--device cpu] [--repeats 10] [--warmup 2] [--token-scale 1.0] [--amp bfloat16]
@@ -30,14 +34,15 @@ import statistics
 from benchmarks.common import add_output, add_threads, device_name, load_average, set_threads, timed, write_json
 
 SHAPES = {"encoder": 100 * 134 + 50 * 67 + 25 * 34 + 13 * 17, "decoder": 900 + 200}  # tokens per image
-VARIANTS = ("dense", "dense-again", "gem", "gem-per-token")
+VARIANTS = ("dense", "dense-again", "dense-k", "gem", "gem-per-token")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["encoder", "decoder"])
     parser.add_argument("--batches", nargs="+", choices=["uniform", "mixed"], default=["uniform", "mixed"])
     parser.add_argument("--k", nargs="+", type=int, choices=[1, 2], default=[1, 2])
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="dense always runs (the reference); dense-k only where k > 1")
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--d-ffn", type=int, default=2048)
@@ -49,6 +54,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     add_threads(parser)  # 1 by default, as the step benchmark (steady timings on shared cores); 0 = all cores
     add_output(parser, "moe_layer")
+
+
+class DenseTimesK:
+    """``(x (N, L, C), ctx) -> (N, L, C)``: ``ffn`` run ``k`` times on ``x``, each output weighted 1/k, summed."""
+
+    def __init__(self, ffn, k: int):
+        self.ffn, self.k = ffn, int(k)
+
+    def parameters(self):
+        return self.ffn.parameters()
+
+    def __call__(self, x, ctx):
+        import torch
+
+        y = self.ffn(x, ctx) * (1.0 / self.k)
+        for _ in range(self.k - 1):
+            y = torch.add(y, self.ffn(x, ctx), alpha=1.0 / self.k)
+        return y
 
 
 def build_layers(args, k: int, device):
@@ -99,9 +122,11 @@ def measure_case(args, shape: str, batch: str, k: int) -> dict:
             out = layer(x, RoutingContext(dataset_ids=ids, key_padding_mask=mask))
         out.backward(grad_out.to(out.dtype))
 
+    dense_k = DenseTimesK(dense, k)
     calls = {"dense": lambda: step(dense, True), "dense-again": lambda: step(dense, True),
-             "gem": lambda: step(moe, True), "gem-per-token": lambda: step(moe, False)}
-    variants = [v for v in VARIANTS if v in args.variants or v == "dense"]
+             "dense-k": lambda: step(dense_k, True), "gem": lambda: step(moe, True),
+             "gem-per-token": lambda: step(moe, False)}
+    variants = [v for v in VARIANTS if (v in args.variants or v == "dense") and (v != "dense-k" or k > 1)]
     for _ in range(args.warmup):
         for v in variants:
             calls[v]()
@@ -118,10 +143,14 @@ def measure_case(args, shape: str, batch: str, k: int) -> dict:
         ratios = [a / b for a, b in zip(wall[v], wall["dense"])]
         cpu_ratios = [a / b for a, b in zip(cpu[v], cpu["dense"])]
         per = k if v.startswith("gem") else 1
+        vs_dense_k = None
+        if v.startswith("gem") and "dense-k" in wall:
+            vs_dense_k = statistics.median(a / b for a, b in zip(wall[v], wall["dense-k"]))
         rows.append({"shape": shape, "batch": batch, "k": k, "variant": v, "tokens_per_image": tokens,
                      "median_ms": statistics.median(wall[v]), "min_ms": min(wall[v]),
                      "cpu_median_ms": statistics.median(cpu[v]), "ratio": statistics.median(ratios),
                      "ratio_ci95": median_interval(ratios), "ratio_per_expert": statistics.median(ratios) / per,
+                     "ratio_vs_dense_k": vs_dense_k,
                      "cpu_ratio": statistics.median(cpu_ratios), "wall_ms": wall[v], "cpu_ms": cpu[v]})
     return {"rows": rows}
 
@@ -149,7 +178,7 @@ def run(args) -> dict:
     if args.amp and device.type != "cuda":
         raise ValueError(f"moe_layer: --amp {args.amp} needs a CUDA --device, got {args.device!r}")
     header = (f"{'shape':<8} {'batch':<8} {'k':>2} {'variant':<14} {'tokens':>7} {'f+b ms':>9} {'cpu ms':>9} "
-              f"{'ratio':>6} {'95% interval':>14} {'/k':>6} {'cpu ratio':>9}")
+              f"{'ratio':>6} {'95% interval':>14} {'/k':>6} {'vs dense-k':>10} {'cpu ratio':>9}")
     print(header)
     print("-" * len(header))
     results = []
@@ -162,6 +191,7 @@ def run(args) -> dict:
                     print(f"{shape:<8} {batch:<8} {k:>2} {r['variant']:<14} {r['tokens_per_image']:>7} "
                           f"{r['median_ms']:>9.1f} {r['cpu_median_ms']:>9.1f} {r['ratio']:>6.3f} "
                           f"{f'[{low:.3f}, {high:.3f}]':>14} {r['ratio_per_expert']:>6.3f} "
+                          f"{'' if r['ratio_vs_dense_k'] is None else format(r['ratio_vs_dense_k'], '.3f'):>10} "
                           f"{r['cpu_ratio']:>9.3f}", flush=True)
     report = {
         "benchmark": "moe_layer", "device": str(device), "device_name": device_name(device),

@@ -62,7 +62,9 @@ def test_moe_layer_benchmark_tiny(tmp_path):
     rows = report["results"]
     cases = {(r["batch"], r["k"]) for r in rows}
     assert cases == {("uniform", 1), ("uniform", 2), ("mixed", 1), ("mixed", 2)}
-    assert {r["variant"] for r in rows} == {"dense", "dense-again", "gem", "gem-per-token"}
+    assert {r["variant"] for r in rows} == {"dense", "dense-again", "dense-k", "gem", "gem-per-token"}
+    assert {r["k"] for r in rows if r["variant"] == "dense-k"} == {2}
+    assert all((r["ratio_vs_dense_k"] is not None) == (r["variant"].startswith("gem") and r["k"] == 2) for r in rows)
     assert all(r["tokens_per_image"] == 11 and r["median_ms"] > 0 for r in rows)
     assert all(r["ratio"] == 1.0 and r["ratio_ci95"] == [1.0, 1.0] for r in rows if r["variant"] == "dense")
     for r in rows:
