@@ -16,11 +16,11 @@ None as ``zero_grad`` does) of every variant, in an order shuffled per repeat (s
 effect of what ran just before, hits all of them alike. Reported per variant: median wall and process CPU ms, and
 the median over repeats of its time / dense's time in the same repeat (``ratio``, with a 95% bootstrap interval
 of that median, scipy, seeded; ``/k``: the gem variants' ratio divided by k, since k experts per token do k times
-the FFN work; ``vs dense-k``: the median over repeats of the gem variant's time / dense-k's, the cost of routing
-alone, as k FFN outputs held at once also cost memory that ``/k`` charges to the routing). ``--token-scale`` shrinks
-the token counts (a loaded or small machine), ``--amp`` runs under autocast (CUDA). ``--threads 1`` by default, as
-the ``step`` benchmark (OpenMP spin-waiting on cores shared with other jobs makes multi-threaded timings erratic);
-``--threads 0``: all cores.
+the FFN work; ``ops``: ATen operators one forward+backward dispatches; ``vs dense-k``: the median over repeats of
+the gem variant's time / dense-k's, the cost of routing alone, as k FFN outputs held at once also cost memory that
+``/k`` charges to the routing). ``--token-scale`` shrinks the token counts (a loaded or small machine), ``--amp``
+runs under autocast (CUDA). ``--threads 1`` by default, as the ``step`` benchmark (OpenMP spin-waiting on cores
+shared with other jobs makes multi-threaded timings erratic); ``--threads 0``: all cores.
 
     python tools/benchmark.py moe_layer [--shapes encoder decoder] [--batches uniform mixed] [--k 1 2]
         [--device cpu] [--repeats 10] [--warmup 2] [--token-scale 1.0] [--amp bfloat16]
@@ -130,6 +130,7 @@ def measure_case(args, shape: str, batch: str, k: int) -> dict:
     for _ in range(args.warmup):
         for v in variants:
             calls[v]()
+    ops = {v: count_operators(calls[v]) for v in variants}  # after the warm-up: cached tables already built
     wall = {v: [] for v in variants}
     cpu = {v: [] for v in variants}
     order = random.Random(0)
@@ -150,9 +151,26 @@ def measure_case(args, shape: str, batch: str, k: int) -> dict:
                      "median_ms": statistics.median(wall[v]), "min_ms": min(wall[v]),
                      "cpu_median_ms": statistics.median(cpu[v]), "ratio": statistics.median(ratios),
                      "ratio_ci95": median_interval(ratios), "ratio_per_expert": statistics.median(ratios) / per,
-                     "ratio_vs_dense_k": vs_dense_k,
+                     "ratio_vs_dense_k": vs_dense_k, "operators": ops[v],
                      "cpu_ratio": statistics.median(cpu_ratios), "wall_ms": wall[v], "cpu_ms": cpu[v]})
     return {"rows": rows}
+
+
+def count_operators(call) -> int:
+    """ATen operators ``call()`` dispatches (forward and backward), counted by a ``TorchDispatchMode``: on a GPU
+    most of them are kernel launches, which bound a layer of this size there."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        call()
+    return Counter.count
 
 
 def median_interval(values) -> list:
@@ -178,7 +196,7 @@ def run(args) -> dict:
     if args.amp and device.type != "cuda":
         raise ValueError(f"moe_layer: --amp {args.amp} needs a CUDA --device, got {args.device!r}")
     header = (f"{'shape':<8} {'batch':<8} {'k':>2} {'variant':<14} {'tokens':>7} {'f+b ms':>9} {'cpu ms':>9} "
-              f"{'ratio':>6} {'95% interval':>14} {'/k':>6} {'vs dense-k':>10} {'cpu ratio':>9}")
+              f"{'ratio':>6} {'95% interval':>14} {'/k':>6} {'vs dense-k':>10} {'cpu ratio':>9} {'ops':>5}")
     print(header)
     print("-" * len(header))
     results = []
@@ -192,7 +210,7 @@ def run(args) -> dict:
                           f"{r['median_ms']:>9.1f} {r['cpu_median_ms']:>9.1f} {r['ratio']:>6.3f} "
                           f"{f'[{low:.3f}, {high:.3f}]':>14} {r['ratio_per_expert']:>6.3f} "
                           f"{'' if r['ratio_vs_dense_k'] is None else format(r['ratio_vs_dense_k'], '.3f'):>10} "
-                          f"{r['cpu_ratio']:>9.3f}", flush=True)
+                          f"{r['cpu_ratio']:>9.3f} {r['operators']:>5}", flush=True)
     report = {
         "benchmark": "moe_layer", "device": str(device), "device_name": device_name(device),
         "amp": args.amp or None, "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -64,6 +64,9 @@ def test_moe_layer_benchmark_tiny(tmp_path):
     assert cases == {("uniform", 1), ("uniform", 2), ("mixed", 1), ("mixed", 2)}
     assert {r["variant"] for r in rows} == {"dense", "dense-again", "dense-k", "gem", "gem-per-token"}
     assert {r["k"] for r in rows if r["variant"] == "dense-k"} == {2}
+    ops = {(r["batch"], r["k"], r["variant"]): r["operators"] for r in rows}
+    assert ops[("uniform", 1, "dense")] == ops[("mixed", 2, "dense-again")] > 0
+    assert ops[("uniform", 1, "gem")] < ops[("mixed", 1, "gem")]  # a mixed batch runs two experts
     assert all((r["ratio_vs_dense_k"] is not None) == (r["variant"].startswith("gem") and r["k"] == 2) for r in rows)
     assert all(r["tokens_per_image"] == 11 and r["median_ms"] > 0 for r in rows)
     assert all(r["ratio"] == 1.0 and r["ratio_ci95"] == [1.0, 1.0] for r in rows if r["variant"] == "dense")
