@@ -38,26 +38,17 @@ class CountingExpertBank(ExpertBank):
         return super().forward_all(x)
 
 
-def _valid_tokens(x: torch.Tensor, ctx):
-    """Valid tokens of ``x`` (N, L, C): an int, or a 0-d device tensor with padding (reading the mask's sum to
-    the host would wait for the GPU in the middle of the forward)."""
-    n = int(x.shape[0]) * int(x.shape[1])
-    if ctx.key_padding_mask is None:
-        return n
-    return (n - ctx.key_padding_mask.sum()).clamp(min=1)
-
-
 def _reset(layer: MoEFFN, inputs) -> None:
     layer.experts.ffn_rows = 0
 
 
 def _record(layer: MoEFFN, inputs, output) -> None:
     x, ctx = inputs[0], inputs[1]
-    valid = _valid_tokens(x, ctx)
-    if torch.is_tensor(valid):
-        per_token = layer.experts.ffn_rows / valid.to(torch.float32)
-    else:
-        per_token = torch.tensor(layer.experts.ffn_rows / max(valid, 1), dtype=torch.float32)
+    rows, tokens = layer.experts.ffn_rows, int(x.shape[0]) * int(x.shape[1])
+    if ctx.key_padding_mask is None:
+        per_token = torch.tensor(rows / max(tokens, 1), dtype=torch.float32)
+    else:  # divided on the device: reading the mask's sum to the host would wait for the GPU mid-forward
+        per_token = rows / (tokens - ctx.key_padding_mask.sum()).clamp(min=1).to(torch.float32)
     ctx.stats[f"{layer.layer_name}/{FFN_EVALS_STAT}"] = per_token
 
 

@@ -101,14 +101,14 @@ class MoEFFN(nn.Module):
         if cached is None:
             if len(self._uses_cache) >= 256:
                 self._uses_cache.clear()
-            uses = torch.zeros(len(routes), self.router.num_routes, dtype=torch.float64)
+            uses = torch.zeros(len(routes), self.router.num_routes)
             for n, route in enumerate(routes):
                 for e, _ in route:
                     uses[n, e] = 1.0
-            images_of = torch.zeros(num_datasets, len(routes), dtype=torch.float64)
+            images_of = torch.zeros(num_datasets, len(routes))
             images_of[list(ids), list(range(len(ids)))] = 1.0
-            cached = (images_of.float().to(x.device), uses.float().to(x.device),
-                      (images_of @ uses * x.shape[1]).float().to(x.device))
+            without_padding = None if padding is not None else images_of @ uses * x.shape[1]
+            cached = tuple(None if t is None else t.to(x.device) for t in (images_of, uses, without_padding))
             self._uses_cache[key] = cached
         images_of, uses, without_padding = cached
         if padding is None:

@@ -41,7 +41,7 @@ def test_expert_bank_matches_naive_and_batched_path():
         bank.forward_all(torch.randn(E + 1, 3, C, dtype=torch.float64))
 
 
-def test_unbound_expert_weights_give_the_indexed_outputs_and_gradients():
+def test_shared_expert_views_give_the_indexed_outputs_and_gradients():
     # several experts in one call share weights_of's views; the reference indexes the stacked parameters per call
     bank = make_bank(5)
     x = torch.randn(6, C, dtype=torch.float64)
