@@ -56,7 +56,8 @@ def per_image_dispatch(x: torch.Tensor, routes: Sequence[Tuple[Tuple[int, float]
     form one slice of ``x`` (a view: nothing is gathered or scattered); each of its experts runs once on it and
     weights of exactly 1 are not multiplied. Several experts share one view of each stacked weight
     (:meth:`ExpertBank.weights_of`). ``padding`` (N, L) bool (True = padded) or None: padded tokens'
-    outputs (and so their gradients) are zeroed, as the grouped dispatch never computes them. Returns
+    outputs (and so their gradients) are multiplied by 0, as the grouped dispatch never computes them (a
+    non-finite output stays non-finite there, as with the dense FFN, which computes padded tokens too). Returns
     (out (N, L, C), whether any expert ran). Equals :func:`grouped_dispatch` on the same plan up to float rounding.
     """
     N = x.shape[0]
@@ -79,5 +80,7 @@ def per_image_dispatch(x: torch.Tensor, routes: Sequence[Tuple[Tuple[int, float]
         pieces.append(x.new_zeros(xs.shape) if y is None else y)
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     if padding is not None:
-        out = out.masked_fill(padding[..., None], 0.0)
+        # in place on the fresh output, a multiply (not masked_fill): on the CPU at encoder shapes this zeroing
+        # forward+backward took ~25 ms instead of ~70 ms, of a ~3.8 s dense FFN step
+        out = out.mul_(padding.logical_not()[..., None])
     return out, ran

@@ -27,7 +27,7 @@ class MoEFFN(nn.Module):
     When the router routes per image (``router.image_routes``: ``gem`` with a dataset-level plan or on tokens
     without labels, ``dense``), each expert runs on slices of consecutive images that share a route, with no
     gather or scatter (:func:`~gem_d2.modeling.moe.dispatch.per_image_dispatch`); padded tokens are then computed
-    and their outputs zeroed. ``per_image = False`` forces the per-token path (tests, benchmarks).
+    and their outputs multiplied by 0. ``per_image = False`` forces the per-token path (tests, benchmarks).
 
     DDP: without ``find_unused_parameters`` DDP waits forever for gradients of parameters that took
     no part in the forward. Expert weights are stacked Parameters, so one expert call gives every
