@@ -81,10 +81,37 @@ def test_per_image_dispatch_slices_consecutive_images_without_copies():
     out, ran = per_image_dispatch(x, routes, moe.experts)
     assert ran
     row = 3 * C * x.element_size()  # bytes per image
-    # images 0-1 share a route: one call per expert on the view x[0:2]; images 2-3 likewise on x[2:4]
-    assert seen == [(1, 2, 0), (3, 2, 0), (0, 2, 2 * row)]
+    # images 0-1 share a route: one call per expert on the view x[0:2] (its 6 tokens); images 2-3 on x[2:4]
+    assert seen == [(1, 6, 0), (3, 6, 0), (0, 6, 2 * row)]
     want = torch.cat([0.3 * original(1, x[:2]) + 0.7 * original(3, x[:2]), original(0, x[2:])])
     torch.testing.assert_close(out, want)
+
+
+def graph_nodes(grad_fn):
+    """Names of the autograd nodes reachable from ``grad_fn``."""
+    names, stack, seen = [], [grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("routes", [[((2, 1.0),)] * 2, [((2, 1.0),), ((0, 0.4), (1, 0.6))]])
+def test_per_image_padding_is_zeroed_in_place_without_copying_slices(routes):
+    # zeroing in place on a view of the expert's output would make the backward copy whole slices (CopySlices)
+    moe = make_moe()
+    x = torch.randn(2, 5, C, dtype=torch.float64, requires_grad=True)
+    padding = torch.tensor([[False] * 3 + [True] * 2, [False] * 4 + [True]])
+    out, _ = per_image_dispatch(x, routes, moe.experts, padding)
+    nodes = graph_nodes(out.grad_fn)
+    assert "CopySlices" not in nodes and "MulBackward0" in nodes
+    assert torch.equal(out[padding], torch.zeros_like(out[padding]))
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad[padding], torch.zeros_like(x.grad[padding]))
 
 
 def test_class_level_plan_keeps_per_token_dispatch_for_labelled_tokens():
