@@ -18,12 +18,15 @@ the median over repeats of its time / dense's time in the same repeat (``ratio``
 of that median, scipy, seeded; ``/k``: the gem variants' ratio divided by k, since k experts per token do k times
 the FFN work; ``ops``: ATen operators one forward+backward dispatches; ``vs dense-k``: the median over repeats of
 the gem variant's time / dense-k's, the cost of routing alone, as k FFN outputs held at once also cost memory that
-``/k`` charges to the routing). ``--token-scale`` shrinks the token counts (a loaded or small machine), ``--amp``
+``/k`` charges to the routing). ``--profile-steps N`` then profiles N steps of each variant and prints the time per
+step it spends in operators the dense layer never runs (:func:`profile_own_operators`): a figure of the routing's
+own work that the machine's scatter, which mostly hits the matmuls, does not blur.
+``--token-scale`` shrinks the token counts (a loaded or small machine), ``--amp``
 runs under autocast (CUDA). ``--threads 1`` by default, as the ``step`` benchmark (OpenMP spin-waiting on cores
 shared with other jobs makes multi-threaded timings erratic); ``--threads 0``: all cores.
 
     python tools/benchmark.py moe_layer [--shapes encoder decoder] [--batches uniform mixed] [--k 1 2]
-        [--device cpu] [--repeats 10] [--warmup 2] [--token-scale 1.0] [--amp bfloat16]
+        [--device cpu] [--repeats 10] [--warmup 2] [--token-scale 1.0] [--amp bfloat16] [--profile-steps 0]
 """
 from __future__ import annotations
 
@@ -52,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", default="", choices=["", "float16", "bfloat16"], help="autocast dtype (CUDA)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="after the timing, profile this many steps per variant (torch.profiler): the time in "
+                             "operators the dense layer never runs")
     add_threads(parser)  # 1 by default, as the step benchmark (steady timings on shared cores); 0 = all cores
     add_output(parser, "moe_layer")
 
@@ -139,6 +145,7 @@ def measure_case(args, shape: str, batch: str, k: int) -> dict:
             _, w, c = timed(calls[v], device)
             wall[v].append(w)
             cpu[v].append(c)
+    own = profile_own_operators(calls, variants, args.profile_steps, device) if args.profile_steps > 0 else {}
     rows = []
     for v in variants:
         ratios = [a / b for a, b in zip(wall[v], wall["dense"])]
@@ -152,7 +159,8 @@ def measure_case(args, shape: str, batch: str, k: int) -> dict:
                      "cpu_median_ms": statistics.median(cpu[v]), "ratio": statistics.median(ratios),
                      "ratio_ci95": median_interval(ratios), "ratio_per_expert": statistics.median(ratios) / per,
                      "ratio_vs_dense_k": vs_dense_k, "operators": ops[v],
-                     "cpu_ratio": statistics.median(cpu_ratios), "wall_ms": wall[v], "cpu_ms": cpu[v]})
+                     "cpu_ratio": statistics.median(cpu_ratios), "wall_ms": wall[v], "cpu_ms": cpu[v],
+                     "own_operators_ms": own.get(v)})
     return {"rows": rows}
 
 
@@ -171,6 +179,32 @@ def count_operators(call) -> int:
     with Counter():
         call()
     return Counter.count
+
+
+def profile_own_operators(calls: dict, variants: list, steps: int, device) -> dict:
+    """Per variant but dense, ``{operator: ms per step}`` of the operators it runs that the dense layer never does
+    (torch.profiler self time over ``steps`` forward+backward steps: the CPU's, or the GPU kernels' on CUDA),
+    largest first. Unlike a time ratio this does not scatter with the machine's load (the matmuls both run
+    dominate that scatter), but it is a lower bound of a variant's extra work: extra calls of an operator the dense
+    layer also runs (a copy, say) are not in it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    per_step = {}
+    for v in variants:
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                calls[v]()
+        times = {}
+        for event in prof.key_averages():
+            ms = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3 / steps
+            if ms > 0:
+                times[event.key] = times.get(event.key, 0.0) + ms
+        per_step[v] = times
+    dense_ops = set(per_step["dense"])
+    return {v: dict(sorted(((op, ms) for op, ms in per_step[v].items() if op not in dense_ops),
+                           key=lambda item: -item[1])) for v in variants if v != "dense"}
 
 
 def median_interval(values) -> list:
@@ -211,11 +245,18 @@ def run(args) -> dict:
                           f"{f'[{low:.3f}, {high:.3f}]':>14} {r['ratio_per_expert']:>6.3f} "
                           f"{'' if r['ratio_vs_dense_k'] is None else format(r['ratio_vs_dense_k'], '.3f'):>10} "
                           f"{r['cpu_ratio']:>9.3f} {r['operators']:>5}", flush=True)
+                    if r["own_operators_ms"] is not None and r["variant"] != "dense":
+                        own = r["own_operators_ms"]
+                        top = ", ".join(f"{op} {ms:.1f}" for op, ms in list(own.items())[:4])
+                        total = sum(own.values())
+                        print(f"    operators dense never runs: {total:.1f} ms/step "
+                              f"({total / r['median_ms']:.2%} of this variant's time){': ' + top if top else ''}")
     report = {
         "benchmark": "moe_layer", "device": str(device), "device_name": device_name(device),
         "amp": args.amp or None, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "images": args.images, "d_model": args.d_model, "d_ffn": args.d_ffn, "experts": args.experts,
         "token_scale": args.token_scale, "repeats": args.repeats, "warmup": args.warmup,
+        "profile_steps": args.profile_steps,
         "statistic": "median; ratio = median over repeats of variant / dense in the same repeat; ratio_ci95: "
                      "95% percentile-bootstrap interval of that median",
         "load_average": load_average(), "results": results,

@@ -221,7 +221,8 @@ def make_step(model, optimizer, batch, device, amp_dtype=None):
 
 def ffn_evals_per_token(model, batch) -> float:
     """FFN rows computed by the MoE layers' expert banks / valid tokens entering them (one no-grad forward).
-    Per-image dispatch also computes padded tokens (their outputs are zeroed), so with padding this exceeds k.
+    Per-image dispatch also computes padded tokens (then multiplies their outputs by 0), so with padding this
+    exceeds k.
 
     1.0 for a plain-FFN model by definition (every token of every FFN layer goes through one FFN)."""
     import torch
@@ -247,7 +248,7 @@ def ffn_evals_per_token(model, batch) -> float:
         one, every = bank.forward_expert, bank.forward_all
 
         def forward_expert(e, x, weights=None, _f=one):
-            counts["rows"] += x.shape[:-1].numel()  # (tokens, C), or (images, tokens, C) from per-image dispatch
+            counts["rows"] += x.shape[:-1].numel()  # (tokens, C)
             return _f(e, x, weights)
 
         def forward_all(x, _f=every):

@@ -28,8 +28,8 @@ class CountingExpertBank(ExpertBank):
     ffn_rows: int = 0
 
     def forward_expert(self, e: int, x: torch.Tensor, weights=None) -> torch.Tensor:
-        # (T, C) from the per-token dispatch, (images, L, C) from the per-image one (padded rows included:
-        # that path computes them, then zeroes their outputs)
+        # (T, C) from both dispatches; the per-image one's rows include padded tokens (it computes them, then
+        # multiplies their outputs by 0)
         self.ffn_rows += int(x.shape[:-1].numel())
         return super().forward_expert(e, x, weights)
 

@@ -57,7 +57,7 @@ def test_gpu_report_markdown_lists_parts_and_failures():
 def test_moe_layer_benchmark_tiny(tmp_path):
     out = tmp_path / "moe_layer.json"
     main(["moe_layer", "--shapes", "decoder", "--token-scale", "0.01", "--d-model", "16", "--d-ffn", "32",
-          "--repeats", "2", "--warmup", "0", "--output", str(out)])
+          "--repeats", "2", "--warmup", "0", "--profile-steps", "1", "--output", str(out)])
     report = json.loads(out.read_text())
     rows = report["results"]
     cases = {(r["batch"], r["k"]) for r in rows}
@@ -72,5 +72,10 @@ def test_moe_layer_benchmark_tiny(tmp_path):
     assert all(r["ratio"] == 1.0 and r["ratio_ci95"] == [1.0, 1.0] for r in rows if r["variant"] == "dense")
     for r in rows:
         assert r["ratio_per_expert"] == pytest.approx(r["ratio"] / (r["k"] if r["variant"].startswith("gem") else 1))
+    own = {(r["batch"], r["k"], r["variant"]): r["own_operators_ms"] for r in rows}
+    assert own[("uniform", 1, "dense")] is None and own[("uniform", 1, "dense-again")] == {}
+    assert "aten::select" in own[("uniform", 1, "gem")]  # an expert's slice of the stacked weights
+    assert "aten::index" in own[("uniform", 1, "gem-per-token")]  # the gather the per-image path does not do
+    assert "aten::index" not in own[("uniform", 1, "gem")] and "aten::index" not in own[("mixed", 2, "gem")]
     with pytest.raises(ValueError, match="needs a CUDA"):
         main(["moe_layer", "--amp", "bfloat16", "--output", str(tmp_path / "x.json")])
