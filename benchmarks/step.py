@@ -247,9 +247,9 @@ def ffn_evals_per_token(model, batch) -> float:
         bank = layer.experts
         one, every = bank.forward_expert, bank.forward_all
 
-        def forward_expert(e, x, weights=None, _f=one):
+        def forward_expert(e, x, weights=None, scale=1.0, _f=one):
             counts["rows"] += x.shape[:-1].numel()  # (tokens, C)
-            return _f(e, x, weights)
+            return _f(e, x, weights, scale)
 
         def forward_all(x, _f=every):
             counts["rows"] += x.shape[0] * x.shape[1]

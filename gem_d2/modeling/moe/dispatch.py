@@ -53,12 +53,13 @@ def per_image_dispatch(x: torch.Tensor, routes: Sequence[Tuple[Tuple[int, float]
     """``out[n] = sum_(e, w) in routes[n] of w * FFN_e(x[n])`` for images ``x`` (N, L, C); 0 where ``padding``.
 
     ``routes``: per image its ``(expert, weight)`` pairs (experts < E). Consecutive images with the same route
-    form one slice of ``x`` (a view: nothing is gathered or scattered); each of its experts runs once on it and
-    weights of exactly 1 are not multiplied. Several experts share one view of each stacked weight
-    (:meth:`ExpertBank.weights_of`). ``padding`` (N, L) bool (True = padded) or None: padded tokens'
-    outputs (and so their gradients) are multiplied by 0, as the grouped dispatch never computes them (a
-    non-finite output stays non-finite there, as with the dense FFN, which computes padded tokens too). Returns
-    (out (N, L, C), whether any expert ran). Equals :func:`grouped_dispatch` on the same plan up to float rounding.
+    form one slice of ``x`` (a view: nothing is gathered or scattered); each of its experts runs once on it, its
+    weight folded into the expert's second linear (``forward_expert(..., scale=w)``), and a second expert's output
+    is added in place. Several experts share one view of each stacked weight (:meth:`ExpertBank.weights_of`).
+    ``padding`` (N, L) bool (True = padded) or None: padded tokens' outputs (and so their gradients) are
+    multiplied by 0, as the grouped dispatch never computes them (a non-finite output stays non-finite there, as
+    with the dense FFN, which computes padded tokens too). Returns (out (N, L, C), whether any expert ran).
+    Equals :func:`grouped_dispatch` on the same plan up to float rounding.
     """
     N, L, C = x.shape
     if len(routes) != N:
@@ -72,17 +73,13 @@ def per_image_dispatch(x: torch.Tensor, routes: Sequence[Tuple[Tuple[int, float]
         tokens = xs.reshape(-1, C)  # 2-d, so an expert's output is its matmul's own tensor, not a view of it
         y = None
         for e, w in routes[start]:
-            ye = experts.forward_expert(e, tokens, weights_per_expert)
-            if y is None:
-                y = ye if w == 1.0 else ye * w
-            else:
-                y = torch.add(y, ye, alpha=w)  # one pass for the weighting and the sum
+            ye = experts.forward_expert(e, tokens, weights_per_expert, scale=w)
+            y = ye if y is None else y.add_(ye)  # y: a matmul's output, which its backward does not need
         ran = ran or y is not None
         pieces.append(tokens.new_zeros(tokens.shape) if y is None else y)
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     if padding is not None:
         # In place (out is a fresh tensor, not a view: in place on a view would make the backward copy whole
-        # slices) and a multiply, not masked_fill: at encoder shapes on the CPU this zeroing, forward and
-        # backward, costs about a third of an out-of-place masked_fill.
+        # slices) and a multiply, not masked_fill, the slower of the two on the CPU.
         out = out.mul_(padding.reshape(-1, 1).logical_not())
     return out.view(N, L, -1), ran

@@ -88,11 +88,16 @@ class ExpertBank(nn.Module):
         views = [_ExpertViews.apply(p, experts) for p in (self.w1, self.b1, self.w2, self.b2)]
         return {e: tuple(v[j] for v in views) for j, e in enumerate(experts)}
 
-    def forward_expert(self, e: int, x: torch.Tensor, weights: Optional[Dict[int, ExpertWeights]] = None
-                       ) -> torch.Tensor:
-        """Expert ``e`` on tokens ``x`` (..., C) -> (..., C); ``weights``: :meth:`weights_of`'s views, or None to
-        index the stacked parameters."""
+    def forward_expert(self, e: int, x: torch.Tensor, weights: Optional[Dict[int, ExpertWeights]] = None,
+                       scale: float = 1.0) -> torch.Tensor:
+        """``scale`` x expert ``e`` on tokens ``x`` (..., C) -> (..., C); ``weights``: :meth:`weights_of`'s views,
+        or None to index the stacked parameters.
+
+        A ``scale`` other than 1 multiplies the second linear's weight and bias, (C, F) + (C,) numbers, not the
+        (..., C) output: forward and backward then make no pass over the output for it."""
         w1, b1, w2, b2 = weights[e] if weights is not None else (self.w1[e], self.b1[e], self.w2[e], self.b2[e])
+        if scale != 1.0:
+            w2, b2 = w2 * scale, b2 * scale
         return F.linear(self.dropout(self.activation(F.linear(x, w1, b1))), w2, b2)
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:

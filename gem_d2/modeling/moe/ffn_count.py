@@ -27,11 +27,11 @@ class CountingExpertBank(ExpertBank):
 
     ffn_rows: int = 0
 
-    def forward_expert(self, e: int, x: torch.Tensor, weights=None) -> torch.Tensor:
+    def forward_expert(self, e: int, x: torch.Tensor, weights=None, scale: float = 1.0) -> torch.Tensor:
         # (T, C) from both dispatches; the per-image one's rows include padded tokens (it computes them, then
         # multiplies their outputs by 0)
         self.ffn_rows += int(x.shape[:-1].numel())
-        return super().forward_expert(e, x, weights)
+        return super().forward_expert(e, x, weights, scale)
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         self.ffn_rows += int(x.shape[0]) * int(x.shape[1])

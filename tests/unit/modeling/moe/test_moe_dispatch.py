@@ -41,6 +41,24 @@ def test_expert_bank_matches_naive_and_batched_path():
         bank.forward_all(torch.randn(E + 1, 3, C, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("shared_views", [False, True])
+def test_expert_scale_equals_multiplying_the_output(shared_views):
+    # the scale is folded into the second linear; the reference multiplies the output (float64)
+    bank = make_bank(3)
+    x = torch.randn(7, C, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(7, C, dtype=torch.float64)
+    results = []
+    for fold in (False, True):
+        bank.zero_grad(set_to_none=True)
+        x.grad = None
+        weights = bank.weights_of([0, 2]) if shared_views else None
+        out = bank.forward_expert(2, x, weights, scale=0.3) if fold else bank.forward_expert(2, x, weights) * 0.3
+        out.backward(grad_out)
+        results.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in bank.parameters()])
+    for got, want in zip(*results[::-1]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
 def test_shared_expert_views_give_the_indexed_outputs_and_gradients():
     # several experts in one call share weights_of's views; the reference indexes the stacked parameters per call
     bank = make_bank(5)
@@ -101,7 +119,7 @@ def test_fast_path_runs_the_expert_on_x_directly():
     x = torch.randn(9, C, dtype=torch.float64)
     calls = []
     original = bank.forward_expert
-    bank.forward_expert = lambda e, inp, w=None: calls.append((e, inp)) or original(e, inp, w)
+    bank.forward_expert = lambda e, inp, w=None, scale=1.0: calls.append((e, inp)) or original(e, inp, w, scale)
     w = torch.full((9, 1), 0.5, dtype=torch.float64)
     out, _ = grouped_dispatch(x, torch.full((9, 1), 2), w, torch.ones(9, 1, dtype=torch.bool), bank)
     assert len(calls) == 1 and calls[0][0] == 2 and calls[0][1] is x  # no gather

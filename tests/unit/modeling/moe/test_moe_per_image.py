@@ -72,9 +72,9 @@ def test_per_image_dispatch_slices_consecutive_images_without_copies():
     seen = []
     original = moe.experts.forward_expert
 
-    def spy(e, xs, weights=None):
+    def spy(e, xs, weights=None, scale=1.0):
         seen.append((e, xs.shape[0], xs.data_ptr() - x.data_ptr()))
-        return original(e, xs, weights)
+        return original(e, xs, weights, scale)
 
     moe.experts.forward_expert = spy
     routes = [((1, 0.3), (3, 0.7))] * 2 + [((0, 1.0),)] * 2
@@ -126,7 +126,7 @@ def test_class_level_plan_keeps_per_token_dispatch_for_labelled_tokens():
     x = torch.randn(2, 3, C, dtype=torch.float64)
     calls = []
     original = moe.experts.forward_expert
-    moe.experts.forward_expert = lambda e, xs, w=None: calls.append(xs.shape) or original(e, xs, w)
+    moe.experts.forward_expert = lambda e, xs, w=None, scale=1.0: calls.append(xs.shape) or original(e, xs, w, scale)
     moe(x, RoutingContext(dataset_ids=ids, query_labels=labels))
     assert all(len(s) == 2 for s in calls)  # (tokens, C): the per-token path, not image slices
 
