@@ -182,11 +182,15 @@ def count_operators(call) -> int:
 
 
 def profile_own_operators(calls: dict, variants: list, steps: int, device) -> dict:
-    """Per variant but dense, ``{operator: ms per step}`` of the operators it runs that the dense layer never does
-    (torch.profiler self time over ``steps`` forward+backward steps: the CPU's, or the GPU kernels' on CUDA),
-    largest first. Unlike a time ratio this does not scatter with the machine's load (the matmuls both run
-    dominate that scatter), but it is a lower bound of a variant's extra work: extra calls of an operator the dense
-    layer also runs (a copy, say) are not in it."""
+    """Per variant but dense, ``{operator: ms per step}`` of the top-level operators it runs that the dense layer
+    never does, largest first (torch.profiler over ``steps`` forward+backward steps after the timing).
+
+    Top-level: not called by another profiled operator, i.e. what the forward calls and each backward node's
+    ``autograd::engine::evaluate_function: <Node>``; their time is inclusive (the CPU's, or the GPU kernels' on
+    CUDA), so an extra out-of-place ``masked_fill`` counts with the copy it makes, and a backward node with the
+    kernels it runs. Unlike a time ratio this does not scatter with the machine's load (the matmuls, which every
+    variant shares, take that scatter), but it is a lower bound of a variant's extra work: extra calls of what the
+    dense layer also runs (a second expert's linears, the gradient accumulation) are not in it."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -197,10 +201,10 @@ def profile_own_operators(calls: dict, variants: list, steps: int, device) -> di
             for _ in range(steps):
                 calls[v]()
         times = {}
-        for event in prof.key_averages():
-            ms = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3 / steps
-            if ms > 0:
-                times[event.key] = times.get(event.key, 0.0) + ms
+        for event in prof.events():
+            if event.cpu_parent is None and event.device_type.name == "CPU":
+                us = event.device_time_total if cuda else event.cpu_time_total
+                times[event.name] = times.get(event.name, 0.0) + us / 1e3 / steps
         per_step[v] = times
     dense_ops = set(per_step["dense"])
     return {v: dict(sorted(((op, ms) for op, ms in per_step[v].items() if op not in dense_ops),
@@ -247,7 +251,8 @@ def run(args) -> dict:
                           f"{r['cpu_ratio']:>9.3f} {r['operators']:>5}", flush=True)
                     if r["own_operators_ms"] is not None and r["variant"] != "dense":
                         own = r["own_operators_ms"]
-                        top = ", ".join(f"{op} {ms:.1f}" for op, ms in list(own.items())[:4])
+                        top = ", ".join(f"{op.replace('autograd::engine::evaluate_function: ', '')} {ms:.1f}"
+                                        for op, ms in list(own.items())[:4])
                         total = sum(own.values())
                         print(f"    operators dense never runs: {total:.1f} ms/step "
                               f"({total / r['median_ms']:.2%} of this variant's time){': ' + top if top else ''}")
