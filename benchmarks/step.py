@@ -245,17 +245,21 @@ def ffn_evals_per_token(model, batch) -> float:
     for layer in layers:
         handles.append(layer.register_forward_pre_hook(pre_hook))
         bank = layer.experts
-        one, every = bank.forward_expert, bank.forward_all
+        one, segmented, every = bank.forward_expert, bank.forward_segments, bank.forward_all
 
         def forward_expert(e, x, weights=None, scale=1.0, _f=one):
             counts["rows"] += x.shape[:-1].numel()  # (tokens, C)
             return _f(e, x, weights, scale)
 
+        def forward_segments(x, segments, scales=None, _f=segmented):
+            counts["rows"] += x.shape[0]
+            return _f(x, segments, scales)
+
         def forward_all(x, _f=every):
             counts["rows"] += x.shape[0] * x.shape[1]
             return _f(x)
 
-        bank.forward_expert, bank.forward_all = forward_expert, forward_all
+        bank.forward_expert, bank.forward_segments, bank.forward_all = forward_expert, forward_segments, forward_all
         patched.append(bank)
     try:
         with torch.no_grad():
@@ -264,7 +268,7 @@ def ffn_evals_per_token(model, batch) -> float:
         for h in handles:
             h.remove()
         for bank in patched:
-            del bank.forward_expert, bank.forward_all
+            del bank.forward_expert, bank.forward_segments, bank.forward_all
     return counts["rows"] / max(counts["tokens"], 1)
 
 

@@ -56,6 +56,9 @@ def per_image_dispatch(x: torch.Tensor, routes: Sequence[Tuple[Tuple[int, float]
     form one slice of ``x`` (a view: nothing is gathered or scattered); each of its experts runs once on it, its
     weight folded into the expert's second linear (``forward_expert(..., scale=w)``), and a second expert's output
     is added in place. Several experts share one view of each stacked weight (:meth:`ExpertBank.weights_of`).
+    When every image has one expert and the batch has several runs (a mixed batch, k = 1), the runs go through
+    :meth:`ExpertBank.forward_segments` instead, which writes them all into one output (fp32/fp64 without
+    autocast; under autocast the per-run path, whose linears autocast).
     ``padding`` (N, L) bool (True = padded) or None: padded tokens' outputs (and so their gradients) are
     multiplied by 0, as the grouped dispatch never computes them (a non-finite output stays non-finite there, as
     with the dense FFN, which computes padded tokens too). Returns (out (N, L, C), whether any expert ran).
@@ -65,6 +68,25 @@ def per_image_dispatch(x: torch.Tensor, routes: Sequence[Tuple[Tuple[int, float]
     if len(routes) != N:
         raise ValueError(f"per_image_dispatch: {len(routes)} routes for {N} images")
     runs = [0] + [n for n in range(1, N) if routes[n] != routes[n - 1]] + [N]  # starts of runs of equal routes
+    if len(runs) > 2 and all(len(routes[a]) == 1 for a in runs[:-1]) and x.dtype == experts.w1.dtype \
+            and not torch.is_autocast_enabled(x.device.type):
+        # one expert per image and several runs: every run written into one output (no cat, no split backward)
+        segments = [(routes[a][0][0], a * L, b * L) for a, b in zip(runs[:-1], runs[1:])]
+        scales = [routes[a][0][1] for a in runs[:-1]]
+        out, ran = experts.forward_segments(x.reshape(N * L, C), segments, scales), True
+    else:
+        out, ran = _per_run_outputs(x, routes, runs, experts)
+    if padding is not None:
+        # In place (out is a fresh tensor, not a view: in place on a view would make the backward copy whole
+        # slices) and a multiply, not masked_fill, the slower of the two on the CPU.
+        out = out.mul_(padding.reshape(-1, 1).logical_not())
+    return out.view(N, L, -1), ran
+
+
+def _per_run_outputs(x: torch.Tensor, routes: Sequence[Tuple[Tuple[int, float], ...]], runs: Sequence[int],
+                     experts: ExpertBank) -> Tuple[torch.Tensor, bool]:
+    """:func:`per_image_dispatch` without padding, expert by expert on each run of images: (N * L, C), ran."""
+    C = x.shape[2]
     # split, not indexing: its backward writes the input's gradient once (a slice's would zero-fill it per slice)
     slices = x.split([b - a for a, b in zip(runs[:-1], runs[1:])]) if len(runs) > 2 else (x,)
     weights_per_expert = experts.weights_of(sorted({e for start in runs[:-1] for e, _ in routes[start]}))
@@ -77,9 +99,4 @@ def per_image_dispatch(x: torch.Tensor, routes: Sequence[Tuple[Tuple[int, float]
             y = ye if y is None else y.add_(ye)  # y: a matmul's output, which its backward does not need
         ran = ran or y is not None
         pieces.append(tokens.new_zeros(tokens.shape) if y is None else y)
-    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    if padding is not None:
-        # In place (out is a fresh tensor, not a view: in place on a view would make the backward copy whole
-        # slices) and a multiply, not masked_fill, the slower of the two on the CPU.
-        out = out.mul_(padding.reshape(-1, 1).logical_not())
-    return out.view(N, L, -1), ran
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)), ran

@@ -10,6 +10,7 @@ from torch import nn
 
 from gem_d2.layers.mlp import FFN
 from gem_d2.layers.mlp import activation_layer as _activation
+from gem_d2.layers.segmented_linear import Segment, segmented_linear
 
 ExpertWeights = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -99,6 +100,17 @@ class ExpertBank(nn.Module):
         if scale != 1.0:
             w2, b2 = w2 * scale, b2 * scale
         return F.linear(self.dropout(self.activation(F.linear(x, w1, b1))), w2, b2)
+
+    def forward_segments(self, x: torch.Tensor, segments: Sequence[Segment],
+                         scales: Optional[Sequence[float]] = None) -> torch.Tensor:
+        """Each segment ``(e, start, end)``'s expert on its rows of ``x`` (T, C), times its scale -> (T, C).
+
+        The segments cover the rows in order (:func:`~gem_d2.layers.segmented_linear.check_segments`). Equals
+        ``forward_expert`` per segment, concatenated, but writes every segment into one output and one input
+        gradient and the stacked weights' gradients with one zero-fill each
+        (:func:`~gem_d2.layers.segmented_linear.segmented_linear`). ``x`` must have the parameters' dtype."""
+        h = self.dropout(self.activation(segmented_linear(x, self.w1, self.b1, segments)))
+        return segmented_linear(h, self.w2, self.b2, segments, scales)
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on its own tokens in one batched matmul: ``x`` (E, S, C) -> (E, S, C)."""

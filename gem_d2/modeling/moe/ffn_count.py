@@ -3,11 +3,12 @@
 Compute-matched comparisons need what each router really computes, not what its settings promise (a ReMoE gate
 opens a variable number of experts, MoE++ sends some tokens to zero/copy/constant experts, SoftMoE's experts
 process slots, capacity drops tokens). :func:`count_ffn_evaluations` makes every :class:`MoEFFN` of a model
-count the rows its FFN experts process: ``forward_expert(e, x)`` counts ``len(x)`` token-expert evaluations,
-``forward_all(x)`` (SoftMoE's slots) ``E * S``. After each forward the layer's count divided by its valid
-(non-padded) tokens is stored as ``ctx.stats["<layer>/ffn_evals_per_token"]``, so it reaches
-``model.routing_stats``, the training hooks (``routing/<layer>/ffn_evals_per_token`` in ``metrics.json``,
-the mean over the steps of each logging window) and the router study. MoE++'s zero, copy and constant routes
+count the rows its FFN experts process: ``forward_expert(e, x)`` and ``forward_segments(x, ...)`` count
+``len(x)`` token-expert evaluations, ``forward_all(x)`` (SoftMoE's slots) ``E * S``. After each forward the
+layer's count divided by its valid (non-padded) tokens is stored as
+``ctx.stats["<layer>/ffn_evals_per_token"]``, so it reaches ``model.routing_stats``, the training hooks
+(``routing/<layer>/ffn_evals_per_token`` in ``metrics.json``, the mean over the steps of each logging window) and
+the router study. MoE++'s zero, copy and constant routes
 never reach the bank and are not FFN evaluations; a plain dense FFN is 1 by definition and is not counted.
 """
 from __future__ import annotations
@@ -32,6 +33,10 @@ class CountingExpertBank(ExpertBank):
         # multiplies their outputs by 0)
         self.ffn_rows += int(x.shape[:-1].numel())
         return super().forward_expert(e, x, weights, scale)
+
+    def forward_segments(self, x: torch.Tensor, segments, scales=None) -> torch.Tensor:
+        self.ffn_rows += int(x.shape[0])  # every row through its segment's one expert
+        return super().forward_segments(x, segments, scales)
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         self.ffn_rows += int(x.shape[0]) * int(x.shape[1])

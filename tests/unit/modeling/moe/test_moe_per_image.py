@@ -14,6 +14,10 @@ C, FH, E = 6, 12, 4
 TABLES = GemMapping.create(["u0", "u1", "u2"], [[1, 3], [0], [2, 1]], [[0.3, 0.7], [1.0], [0.5, 0.5]],
                            num_experts=E).router_tables(["u2", "u0", "u1"])
 
+# every unit one expert (k = 1): the mixed batch below then runs experts 2, 0, 1, 2 on four runs of images
+TABLES_K1 = GemMapping.create(["u0", "u1", "u2"], [[1], [0], [2]], [[1.0], [1.0], [1.0]],
+                              num_experts=E).router_tables(["u2", "u0", "u1"])
+
 
 def make_moe(tables=TABLES, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
@@ -49,8 +53,12 @@ def mixed_batch(dtype, seed=0, pad=True):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("pad", [True, False], ids=["padded", "unpadded"])
-def test_per_image_equals_per_token_dispatch(dtype, tol, pad):
-    moe = make_moe(dtype=dtype)
+@pytest.mark.parametrize("tables", [TABLES, TABLES_K1], ids=["k1-and-k2", "k1-segments"])
+def test_per_image_equals_per_token_dispatch(dtype, tol, pad, tables):
+    moe = make_moe(tables, dtype=dtype)
+    segmented = []
+    original = moe.experts.forward_segments
+    moe.experts.forward_segments = lambda *a: segmented.append(a[1]) or original(*a)
     x, ctx = mixed_batch(dtype, pad=pad)
     out_a, stats_a, grads_a = run(moe, x, ctx, per_image=False)
     out_b, stats_b, grads_b = run(moe, x, ctx, per_image=True)
@@ -64,6 +72,8 @@ def test_per_image_equals_per_token_dispatch(dtype, tol, pad):
     assert stats_a.keys() == stats_b.keys()
     for name in stats_a:
         assert torch.equal(stats_b[name], stats_a[name]), name
+    # k = 1 everywhere: one segmented call over the four runs of images (9 tokens each), expert 2 twice
+    assert segmented == ([] if tables is TABLES else [[(2, 0, 18), (0, 18, 27), (1, 27, 36), (2, 36, 45)]])
 
 
 def test_per_image_dispatch_slices_consecutive_images_without_copies():
