@@ -188,9 +188,10 @@ def profile_own_operators(calls: dict, variants: list, steps: int, device) -> di
     Top-level: not called by another profiled operator, i.e. what the forward calls and each backward node's
     ``autograd::engine::evaluate_function: <Node>``; their time is inclusive (the CPU's, or the GPU kernels' on
     CUDA), so an extra out-of-place ``masked_fill`` counts with the copy it makes, and a backward node with the
-    kernels it runs. Unlike a time ratio this does not scatter with the machine's load (the matmuls, which every
-    variant shares, take that scatter), but it is a lower bound of a variant's extra work: extra calls of what the
-    dense layer also runs (a second expert's linears, the gradient accumulation) are not in it."""
+    kernels it runs, less the matmuls (:data:`MATMULS`) they call: those are the FFN's own work (a segmented
+    linear's, say), which the dense layer does too. Unlike a time ratio this does not scatter with the machine's
+    load (the matmuls take that scatter), but it is a lower bound of a variant's extra work: extra calls of what
+    the dense layer also runs (a second expert's linears, the gradient accumulation) are not in it."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -203,12 +204,31 @@ def profile_own_operators(calls: dict, variants: list, steps: int, device) -> di
         times = {}
         for event in prof.events():
             if event.cpu_parent is None and event.device_type.name == "CPU":
-                us = event.device_time_total if cuda else event.cpu_time_total
+                us = _time(event, cuda) - sum(_time(m, cuda) for m in _matmuls_within(event))
                 times[event.name] = times.get(event.name, 0.0) + us / 1e3 / steps
         per_step[v] = times
     dense_ops = set(per_step["dense"])
     return {v: dict(sorted(((op, ms) for op, ms in per_step[v].items() if op not in dense_ops),
                            key=lambda item: -item[1])) for v in variants if v != "dense"}
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def _time(event, cuda: bool) -> float:
+    return event.device_time_total if cuda else event.cpu_time_total
+
+
+def _matmuls_within(event) -> list:
+    """The outermost matmul operators called (at any depth) by a profiled operator."""
+    found, stack = [], list(event.cpu_children)
+    while stack:
+        child = stack.pop()
+        if child.name in MATMULS:
+            found.append(child)
+        else:
+            stack.extend(child.cpu_children)
+    return found
 
 
 def median_interval(values) -> list:
