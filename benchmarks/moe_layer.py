@@ -212,7 +212,7 @@ def profile_own_operators(calls: dict, variants: list, steps: int, device) -> di
                            key=lambda item: -item[1])) for v in variants if v != "dense"}
 
 
-MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
 
 
 def _time(event, cuda: bool) -> float:
