@@ -188,10 +188,10 @@ def profile_own_operators(calls: dict, variants: list, steps: int, device) -> di
     Top-level: not called by another profiled operator, i.e. what the forward calls and each backward node's
     ``autograd::engine::evaluate_function: <Node>``; their time is inclusive (the CPU's, or the GPU kernels' on
     CUDA), so an extra out-of-place ``masked_fill`` counts with the copy it makes, and a backward node with the
-    kernels it runs, less the matmuls (:data:`MATMULS`) they call: those are the FFN's own work (a segmented
-    linear's, say), which the dense layer does too. Unlike a time ratio this does not scatter with the machine's
-    load (the matmuls take that scatter), but it is a lower bound of a variant's extra work: extra calls of what
-    the dense layer also runs (a second expert's linears, the gradient accumulation) are not in it."""
+    kernels it runs, less the matmuls and sums (:data:`FFN_WORK`) they call: those are the FFN's own work (a
+    segmented linear's, say), which the dense layer does too. Unlike a time ratio this does not scatter with the
+    machine's load (the matmuls take that scatter), but it is a lower bound of a variant's extra work: extra calls
+    of what the dense layer also runs (a second expert's linears, the gradient accumulation) are not in it."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -204,7 +204,7 @@ def profile_own_operators(calls: dict, variants: list, steps: int, device) -> di
         times = {}
         for event in prof.events():
             if event.cpu_parent is None and event.device_type.name == "CPU":
-                us = _time(event, cuda) - sum(_time(m, cuda) for m in _matmuls_within(event))
+                us = _time(event, cuda) - sum(_time(m, cuda) for m in _ffn_work_within(event))
                 times[event.name] = times.get(event.name, 0.0) + us / 1e3 / steps
         per_step[v] = times
     dense_ops = set(per_step["dense"])
@@ -212,19 +212,20 @@ def profile_own_operators(calls: dict, variants: list, steps: int, device) -> di
                            key=lambda item: -item[1])) for v in variants if v != "dense"}
 
 
-MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+# what a linear layer's forward and backward compute, whoever calls it; "aten::sum": a bias gradient
+FFN_WORK = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::sum")
 
 
 def _time(event, cuda: bool) -> float:
     return event.device_time_total if cuda else event.cpu_time_total
 
 
-def _matmuls_within(event) -> list:
-    """The outermost matmul operators called (at any depth) by a profiled operator."""
+def _ffn_work_within(event) -> list:
+    """The outermost :data:`FFN_WORK` operators called (at any depth) by a profiled operator."""
     found, stack = [], list(event.cpu_children)
     while stack:
         child = stack.pop()
-        if child.name in MATMULS:
+        if child.name in FFN_WORK:
             found.append(child)
         else:
             stack.extend(child.cpu_children)
