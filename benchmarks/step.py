@@ -228,47 +228,29 @@ def ffn_evals_per_token(model, batch) -> float:
     import torch
 
     from gem_d2.modeling.moe import MoEFFN
+    from gem_d2.modeling.moe.ffn_count import count_ffn_evaluations
 
     layers = [m for m in model.modules() if isinstance(m, MoEFFN)]
     if not layers:
         return 1.0
+    count_ffn_evaluations(model)  # the banks' own row counter (GEMDINO installs it already; idempotent)
     counts = {"rows": 0, "tokens": 0}
-    handles, patched = [], []
 
-    def pre_hook(module, inputs):
-        x, ctx = inputs
+    def add_layer_counts(module, inputs, output):  # after the counter's own hook; before the next call resets it
+        x, ctx = inputs[0], inputs[1]
         n = x.shape[0] * x.shape[1]
         if ctx.key_padding_mask is not None:
             n -= int(ctx.key_padding_mask.sum())
         counts["tokens"] += n
+        counts["rows"] += module.experts.ffn_rows
 
-    for layer in layers:
-        handles.append(layer.register_forward_pre_hook(pre_hook))
-        bank = layer.experts
-        one, segmented, every = bank.forward_expert, bank.forward_segments, bank.forward_all
-
-        def forward_expert(e, x, weights=None, scale=1.0, _f=one):
-            counts["rows"] += x.shape[:-1].numel()  # (tokens, C)
-            return _f(e, x, weights, scale)
-
-        def forward_segments(x, segments, scales=None, _f=segmented):
-            counts["rows"] += x.shape[0]
-            return _f(x, segments, scales)
-
-        def forward_all(x, _f=every):
-            counts["rows"] += x.shape[0] * x.shape[1]
-            return _f(x)
-
-        bank.forward_expert, bank.forward_segments, bank.forward_all = forward_expert, forward_segments, forward_all
-        patched.append(bank)
+    handles = [layer.register_forward_hook(add_layer_counts) for layer in layers]
     try:
         with torch.no_grad():
             model(batch)
     finally:
         for h in handles:
             h.remove()
-        for bank in patched:
-            del bank.forward_expert, bank.forward_segments, bank.forward_all
     return counts["rows"] / max(counts["tokens"], 1)
 
 
