@@ -9,7 +9,8 @@ S, CIN, COUT, T = 3, 5, 4, 10
 SEGMENTS = [(2, 0, 3), (0, 3, 4), (2, 4, 9), (1, 9, 10)]  # weight 2 on two segments: its gradient accumulates
 
 
-def reference(x, weight, bias, segments, scales):
+def reference(x, weight, bias, segments, scales=None):
+    scales = [1.0] * len(segments) if scales is None else scales
     return torch.cat([s * F.linear(x[a:b], weight[i], bias[i]) for (i, a, b), s in zip(segments, scales)])
 
 
@@ -23,7 +24,7 @@ def test_equals_one_linear_per_segment(scales):
     results = []
     for fn in (reference, segmented_linear):
         leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
-        out = fn(*leaves, SEGMENTS, [1.0] * len(SEGMENTS) if scales is None and fn is reference else scales)
+        out = fn(*leaves, SEGMENTS, scales)
         out.backward(grad_out.t().contiguous().t())  # a non-contiguous gradient
         results.append([out.detach()] + [t.grad for t in leaves])
     for got, want in zip(results[1], results[0]):
